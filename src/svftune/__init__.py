@@ -1,0 +1,48 @@
+"""svftune: Singular Value Fine-tuning (SVF) for any PyTorch backbone.
+
+Decompose each selected Conv/Linear weight as ``W = U diag(S) Vh``, freeze ``U`` and ``Vh`` and train only ``S``::
+
+    import svftune
+    model = svftune.apply_svf(backbone, layers=["layer2", "layer3", "layer4"])
+    svftune.print_trainable_parameters(model)
+    ...  # train
+    plain = svftune.merge_svf(model)
+"""
+
+from .decompose import thin_svd
+from .layers import SVFConv1d, SVFConv2d, SVFConv3d, SVFLayer, SVFLinear, svf_layer_from
+from .matching import select_layers
+from .model import (
+    SVFConfig,
+    apply_svf,
+    freeze_batchnorm,
+    merge_svf,
+    print_trainable_parameters,
+    svf_layers,
+    trainable_parameters,
+    unapply_svf,
+    unfreeze_batchnorm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SVFConfig",
+    "SVFConv1d",
+    "SVFConv2d",
+    "SVFConv3d",
+    "SVFLayer",
+    "SVFLinear",
+    "__version__",
+    "apply_svf",
+    "freeze_batchnorm",
+    "merge_svf",
+    "print_trainable_parameters",
+    "select_layers",
+    "svf_layer_from",
+    "svf_layers",
+    "thin_svd",
+    "trainable_parameters",
+    "unapply_svf",
+    "unfreeze_batchnorm",
+]

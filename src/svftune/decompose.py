@@ -1,0 +1,49 @@
+"""Exact singular value decompositions of (batches of) weight matrices.
+
+SVF needs the full thin SVD of every adapted weight, with no truncation. We always decompose in float64
+(float32 only on devices without float64, such as Apple MPS) and cast the factors once afterwards, so the
+factors are as exact as the storage dtype allows whatever dtype the model runs in.
+
+LAPACK's divide-and-conquer SVD is slow on strongly rectangular matrices (a 512 x 4608 conv weight, a VGG16
+4096 x 25088 classifier). Reducing the matrix to its square triangular factor with a Householder QR first,
+then decomposing that square factor, is exact (backward stable, like the SVD itself) and several times faster
+there; see benchmarks/README.md for the measured numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Aspect ratio (long side / short side) from which the QR-first route is used.
+QR_FIRST_ASPECT = 2.0
+
+
+def decomposition_dtype(device: torch.device) -> torch.dtype:
+    """The most exact dtype the device can run a float SVD in."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def thin_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``A = U @ diag(S) @ Vh`` of a (batch of) matrices, computed in float64.
+
+    Args:
+        matrices: ``(..., m, n)`` tensor of any floating dtype.
+
+    Returns:
+        ``U (..., m, r)``, ``S (..., r)`` (descending), ``Vh (..., r, n)`` with ``r = min(m, n)``,
+        all in float64 (float32 on devices without float64).
+    """
+    if not matrices.is_floating_point():
+        raise TypeError(f"thin_svd expects a floating-point tensor, got {matrices.dtype}")
+    a = matrices.to(decomposition_dtype(matrices.device))
+    m, n = a.shape[-2:]
+    if max(m, n) < QR_FIRST_ASPECT * min(m, n):
+        return torch.linalg.svd(a, full_matrices=False)
+    if n > m:  # wide: A^T = Q R, so A = R^T Q^T and SVD(R^T) = U S Vh gives A = U S (Vh Q^T)
+        q, r = torch.linalg.qr(a.mT)
+        u, s, vh = torch.linalg.svd(r.mT)
+        return u, s, vh @ q.mT
+    q, r = torch.linalg.qr(a)  # tall: A = Q R, SVD(R) = U S Vh gives A = (Q U) S Vh
+    u, s, vh = torch.linalg.svd(r)
+    return q @ u, s, vh

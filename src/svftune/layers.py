@@ -1,0 +1,372 @@
+"""SVF layers: a Conv/Linear layer whose weight is ``W + U diag(S - S0) Vh`` with only ``S`` trained.
+
+Each weight is folded to ``(groups, out/groups, in/groups * prod(kernel))`` and decomposed per group with a
+full thin SVD (rank ``R = min(out/groups, in/groups * prod(kernel))``, no truncation). ``U`` and ``Vh`` are
+frozen; ``S`` (one vector per group) is the only trainable tensor. Writing the weight as the original ``W``
+plus a correction that is exactly zero while ``S == S0`` makes an untouched layer bit-identical to the
+original, in every dtype, and lets :func:`svftune.unapply_svf` hand back the original weights unchanged.
+
+Training can run one of two forms that compute the same function (see ``docs/concepts.md``):
+
+- ``"three_op"`` (the paper's form): conv with ``Vh``, scale by ``S``, 1x1 conv with ``U``. Its backward needs
+  no weight gradient: ``dS`` is ``U^T dY`` times the ``Vh``-conv output saved in the forward.
+- ``"rebuilt"``: one conv with the rebuilt weight. Cheaper forward, but the backward needs a full weight
+  gradient.
+
+``form="auto"`` picks per call from the multiply-add counts of the actual input; eval and no-grad forwards use
+one conv with the rebuilt weight, cached until a factor changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .decompose import thin_svd
+
+FORMS = ("auto", "three_op", "rebuilt")
+FACTORS = "USV"
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def normalize_train(train: str) -> str:
+    """Validate which factors train (``"S"`` by default; the paper's Table 7 also tries U and V)."""
+    letters = train.upper() if isinstance(train, str) else None
+    if not letters or any(c not in FACTORS for c in letters):
+        raise ValueError(
+            f"train={train!r} is not valid: give a string of factor letters from 'U', 'S', 'V' "
+            "(e.g. 'S', the default, or 'US' for the paper's Table 7 ablations)"
+        )
+    return "".join(c for c in FACTORS if c in letters)
+
+
+def normalize_form(form: str) -> str:
+    if form not in FORMS:
+        raise ValueError(f"form={form!r} is not valid: choose one of {', '.join(map(repr, FORMS))}")
+    return form
+
+
+class _ScaleProject(torch.autograd.Function):
+    """``y = U diag(S) z + bias`` along the channel dimension, saving only ``z`` for the backward.
+
+    ``z`` is the output of the ``Vh`` projection. Autograd's own ``mul`` + ``conv`` pair would also save
+    ``S * z``; this keeps one map of ``R`` channels per layer and never computes a weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, s: Tensor, u: Tensor, bias: Tensor | None, nd: int) -> Tensor:
+        groups, out_per_group, rank = u.shape
+        scaled = u * s.to(u.dtype).unsqueeze(1)
+        if nd == 0:
+            y = F.linear(z, scaled[0], bias)
+        else:
+            y = _CONV[nd](z, scaled.reshape(groups * out_per_group, rank, *(1,) * nd), bias, groups=groups)
+        ctx.save_for_backward(z, s, u)
+        ctx.nd = nd
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        z, s, u = ctx.saved_tensors
+        nd = ctx.nd
+        groups, out_per_group, rank = u.shape
+        u = u.to(grad_y.dtype)
+        if nd == 0:
+            grad_t = grad_y @ u[0]
+            sum_dims = tuple(range(grad_y.dim() - 1))
+            s_view = s.reshape(rank)
+        else:
+            grad_t = _CONV_T[nd](grad_y, u.reshape(groups * out_per_group, rank, *(1,) * nd), groups=groups)
+            sum_dims = (0, *range(2, 2 + nd))
+            s_view = s.reshape(1, groups * rank, *(1,) * nd)
+        grad_z = grad_s = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_s = torch.sum(grad_t * z.to(grad_t.dtype), sum_dims, dtype=torch.float32)
+            grad_s = grad_s.reshape(s.shape).to(s.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_z = grad_t * s_view.to(grad_t.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_y.sum(sum_dims)
+        return grad_z, grad_s, None, grad_bias, None
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be adapted, or ``None`` when it can. One place for every refusal."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "is a lazy module whose weight is not initialised yet; run one forward pass before apply_svf"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "is a transposed convolution, which SVF does not support; leave it out with exclude=[...]"
+    if parametrize.is_parametrized(module):
+        return (
+            "carries a torch.nn.utils.parametrize parametrization (e.g. weight norm), so its weight is not "
+            "a plain tensor; remove the parametrization or leave the layer out with exclude=[...]"
+        )
+    layer_class = _svf_class_for(module)
+    if layer_class is None:
+        return f"is a {type(module).__name__}, not a Linear or Conv1d/2d/3d"
+    base = layer_class.base_type
+    for method in ("forward", "_conv_forward"):
+        if getattr(type(module), method, None) is not getattr(base, method, None):
+            return (
+                f"is a {type(module).__name__}, a subclass of nn.{base.__name__} that overrides {method}() "
+                "(e.g. weight standardisation), so replacing it would silently change the model; "
+                "leave it out with exclude=[...]"
+            )
+    extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
+    extra += [n for n, _ in module.named_buffers(recurse=False)] + [n for n, _ in module.named_children()]
+    if extra:
+        return f"has extra parameters, buffers or submodules ({', '.join(extra)}) that SVF would not carry over"
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(module, h, None) for h in hooks):
+        return "has hooks registered on it, which replacing it would lose; register them after apply_svf"
+    if not isinstance(module.weight, Tensor) or not module.weight.is_floating_point():
+        return "has no floating-point weight tensor"
+    return None
+
+
+def _svf_class_for(module: nn.Module) -> type[SVFLayer] | None:
+    for layer_class in (SVFLinear, SVFConv1d, SVFConv2d, SVFConv3d):
+        if isinstance(module, layer_class.base_type):
+            return layer_class
+    return None
+
+
+def svf_layer_from(module: nn.Module, **kwargs: Any) -> SVFLayer:
+    """Build the matching SVF layer (SVFLinear, SVFConv1d/2d/3d) from a plain layer."""
+    reason = unsupported_reason(module)
+    if reason is not None:
+        raise TypeError(f"cannot apply SVF to this {type(module).__name__}: it {reason}")
+    return _svf_class_for(module)(module, **kwargs)
+
+
+class SVFLayer(nn.Module):
+    """Common machinery of the SVF layers; use :class:`SVFLinear` or :class:`SVFConv2d` (1d/3d)."""
+
+    base_type: ClassVar[type[nn.Module]]
+    spatial_dims: ClassVar[int]  # 0 for Linear
+
+    def __init__(self, base: nn.Module, *, train: str = "S", form: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(base, self.base_type):
+            raise TypeError(f"{type(self).__name__} wraps an nn.{self.base_type.__name__}, got {type(base).__name__}")
+        reason = unsupported_reason(base)
+        if reason is not None:
+            raise TypeError(f"cannot apply SVF to this {type(base).__name__}: it {reason}")
+        self.train_factors = normalize_train(train)
+        self.form = normalize_form(form)
+        weight = base.weight
+        self.groups = getattr(base, "groups", 1)
+        if self.spatial_dims:
+            for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation"):
+                setattr(self, attr, getattr(base, attr))
+            self.padding_mode = base.padding_mode
+            self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        # The plain layer without its tensors: unapply/merge re-attach weights to a copy of it, so the
+        # original class (e.g. a Linear subclass) and attributes come back. Kept out of the module tree.
+        skeleton = copy.copy(base)
+        skeleton._parameters = dict.fromkeys(base._parameters)
+        self.__dict__["_skeleton"] = skeleton
+        self.__dict__["_base_requires_grad"] = (weight.requires_grad, getattr(base.bias, "requires_grad", False))
+        self.__dict__["_cache"] = None
+
+        matrices = weight.detach().reshape(self.groups, weight.shape[0] // self.groups, -1)
+        u, s, vh = thin_svd(matrices)
+        value_dtype = torch.float32 if weight.dtype in _HALF else weight.dtype  # S stays exact to train
+        weight.requires_grad_(False)
+        self.base_weight = weight  # the original Parameter object, frozen: unapply hands it back untouched
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.register_parameter("bias", base.bias)
+        self.U = nn.Parameter(u.to(weight.dtype), requires_grad="U" in self.train_factors)
+        self.S = nn.Parameter(s.to(value_dtype), requires_grad="S" in self.train_factors)
+        self.Vh = nn.Parameter(vh.to(weight.dtype), requires_grad="V" in self.train_factors)
+        self.register_buffer("S0", self.S.detach().clone())
+        if "U" in self.train_factors or "V" in self.train_factors:
+            # Training U or V changes the basis, so W + U diag(S - S0) Vh no longer applies: keep the
+            # (tiny) residual W - U0 diag(S0) V0h instead and use W = residual + U diag(S) Vh.
+            residual = matrices.to(u.dtype) - (u * s.unsqueeze(1)) @ vh
+            self.residual = nn.Parameter(residual.to(weight.dtype), requires_grad=False)
+        else:
+            self.register_parameter("residual", None)
+
+    @classmethod
+    def from_module(cls, base: nn.Module, *, train: str = "S", form: str = "auto") -> SVFLayer:
+        """Build from an existing layer (same as calling the class)."""
+        return cls(base, train=train, form=form)
+
+    # ----------------------------------------------------------------------------------------- weights
+    @property
+    def rank(self) -> int:
+        """Singular values per group."""
+        return self.S.shape[-1]
+
+    def effective_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight this layer applies, differentiable in the trainable factors, computed in ``dtype``."""
+        dtype = dtype or _compute_dtype(self.base_weight.dtype)
+        u, vh = self.U.to(dtype), self.Vh.to(dtype)
+        if self.residual is not None:
+            w = self.residual.to(dtype) + (u * self.S.to(dtype).unsqueeze(1)) @ vh
+            return w.reshape(self.base_weight.shape)
+        delta = (u * (self.S.to(dtype) - self.S0.to(dtype)).unsqueeze(1)) @ vh
+        return self.base_weight.to(dtype) + delta.reshape(self.base_weight.shape)
+
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """The fine-tuned weight, rebuilt in float64 (float32 where unsupported) and cast once."""
+        if self.residual is None and torch.equal(self.S, self.S0):
+            return self.base_weight.detach().clone()
+        exact = torch.float32 if self.base_weight.device.type == "mps" else torch.float64
+        return self.effective_weight(exact).to(self.base_weight.dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight, for code that reads ``layer.weight`` directly (e.g. nn.MultiheadAttention)."""
+        if self._weight_needs_grad():
+            return self.effective_weight().to(self.base_weight.dtype)
+        return self._cached_weight()
+
+    def _weight_needs_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(t is not None and t.requires_grad for t in (self.U, self.S, self.Vh, self.base_weight))
+
+    def _cache_key(self) -> tuple:
+        tensors = (self.U, self.S, self.Vh, self.base_weight, self.S0, self.residual)
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors if t is not None)
+
+    @torch.no_grad()
+    def _cached_weight(self) -> Tensor:
+        """Rebuilt weight for eval/no-grad forwards, recomputed only when a factor changed."""
+        if self.residual is None and torch.equal(self.S, self.S0):
+            return self.base_weight  # exactly the original: bit-identical outputs at initialisation
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            self.__dict__["_cache"] = None  # free the old weight before building the new one
+            with torch.autocast(self.base_weight.device.type, enabled=False):
+                weight = self.effective_weight().to(self.base_weight.dtype)
+            self.__dict__["_cache"] = (key, weight)
+        return self._cache[1]
+
+    def train(self, mode: bool = True) -> SVFLayer:
+        if mode:
+            self.__dict__["_cache"] = None
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    # ----------------------------------------------------------------------------------------- forward
+    def uses_three_op(self, x: Tensor) -> bool:
+        """Whether a training forward on ``x`` runs the three-op form (decided by ``form`` and cost)."""
+        if self.residual is not None or self.base_weight.requires_grad:
+            return False  # U, V or W train: only the rebuilt form carries their gradients
+        if self.form != "auto":
+            return self.form == "three_op"
+        groups, out_per_group, rank = self.U.shape
+        fan_in = self.Vh.shape[-1]
+        positions = self._output_positions(x)
+        input_grad = int(x.requires_grad)
+        # multiply-adds of forward + backward (see module docstring and docs/concepts.md)
+        three_op = positions * groups * rank * (fan_in * (1 + input_grad) + 2 * out_per_group)
+        rebuilt = positions * groups * out_per_group * fan_in * (2 + input_grad)
+        rebuilt += 2 * groups * out_per_group * rank * fan_in  # rebuilding W and projecting dW onto S
+        return three_op < rebuilt
+
+    def _output_positions(self, x: Tensor) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._weight_needs_grad():
+            return self._apply_weight(x, self._cached_weight())
+        if self.training and self.uses_three_op(x):  # eval + grad: rebuilt, exact while S == S0
+            groups, _, rank = self.U.shape
+            z = self._apply_weight(x, self.Vh.reshape(groups * rank, *self.base_weight.shape[1:]), bias=False)
+            return _ScaleProject.apply(z, self.S, self.U, self.bias, self.spatial_dims)
+        return self._apply_weight(x, self.effective_weight().to(self.base_weight.dtype))
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: bool = True) -> Tensor:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- plain
+    def to_plain(self, merge: bool = True) -> nn.Module:
+        """A plain layer of the original class: fine-tuned weight (``merge``) or the original one."""
+        plain = copy.copy(self._skeleton)
+        plain._parameters = dict(self._skeleton._parameters)
+        weight_grad, bias_grad = self._base_requires_grad
+        if merge:
+            weight = nn.Parameter(self.merged_weight(), requires_grad=weight_grad)
+        else:
+            weight = self.base_weight.requires_grad_(weight_grad)
+        plain.weight = weight
+        plain.bias = self.bias.requires_grad_(bias_grad) if self.bias is not None else None
+        plain.train(self.training)
+        return plain
+
+    def extra_repr(self) -> str:
+        shape = "x".join(map(str, self.base_weight.shape))
+        return f"weight={shape}, groups={self.groups}, rank={self.rank}, train={self.train_factors}, form={self.form}"
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF else dtype
+
+
+class SVFLinear(SVFLayer):
+    """SVF version of :class:`torch.nn.Linear` (one group, rank ``min(out_features, in_features)``)."""
+
+    base_type = nn.Linear
+    spatial_dims = 0
+
+    def _output_positions(self, x: Tensor) -> int:
+        return x.numel() // max(self.in_features, 1)
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: bool = True) -> Tensor:
+        return F.linear(x, weight.reshape(weight.shape[0], -1), self.bias if bias else None)
+
+
+class _SVFConvNd(SVFLayer):
+    def _output_positions(self, x: Tensor) -> int:
+        spatial = x.shape[-self.spatial_dims :]
+        batch = x.numel() // max(math.prod(spatial) * self.in_channels, 1)
+        return batch * math.prod(math.ceil(n / s) for n, s in zip(spatial, self.stride))
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: bool = True) -> Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        conv = _CONV[self.spatial_dims]
+        return conv(x, weight, self.bias if bias else None, self.stride, padding, self.dilation, self.groups)
+
+
+class SVFConv1d(_SVFConvNd):
+    """SVF version of :class:`torch.nn.Conv1d`, decomposed per group."""
+
+    base_type = nn.Conv1d
+    spatial_dims = 1
+
+
+class SVFConv2d(_SVFConvNd):
+    """SVF version of :class:`torch.nn.Conv2d`, decomposed per group (depthwise: one value per channel)."""
+
+    base_type = nn.Conv2d
+    spatial_dims = 2
+
+
+class SVFConv3d(_SVFConvNd):
+    """SVF version of :class:`torch.nn.Conv3d`, decomposed per group."""
+
+    base_type = nn.Conv3d
+    spatial_dims = 3

@@ -1,0 +1,124 @@
+"""Which layers of a model :func:`svftune.apply_svf` adapts, and every error about that choice.
+
+``layers`` (and ``exclude``) may be:
+
+- a list of module-name prefixes: ``["layer2", "layer3"]`` selects ``layer2`` and everything inside it
+  (``layer2.0.conv1``...), but not ``layer20``. Every prefix must match something, so a typo is an error.
+- one string: a regular expression matched from the start of the module name up to a name boundary, so
+  ``"layer[2-4]"`` selects everything inside layer2, layer3 and layer4 and ``r"layer4\\.2\\.conv2"`` one layer.
+- a callable ``(name, module) -> bool``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from .layers import SVFLayer, unsupported_reason
+
+LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
+DEFAULT_TARGETS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _compile(spec: LayerSelector, argument: str) -> tuple[Callable[[str, nn.Module], bool], list[str]]:
+    """A predicate for ``spec`` and the literal prefixes that must each match something."""
+    if callable(spec):
+        return spec, []
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(rf"(?:{spec})(?:\.|$)")
+        except re.error as err:
+            raise ValueError(f"{argument}={spec!r} is not a valid regular expression: {err}") from None
+        return (lambda name, module: pattern.match(name) is not None), []
+    if isinstance(spec, Sequence) and spec and all(isinstance(p, str) and p for p in spec):
+        prefixes = list(spec)
+        return (lambda name, module: any(name == p or name.startswith(p + ".") for p in prefixes)), prefixes
+    raise TypeError(
+        f"{argument}={spec!r} is not valid: give a list of module-name prefixes such as ['layer2', 'layer3'], "
+        "a regular expression string, or a callable (name, module) -> bool"
+    )
+
+
+def _check_targets(targets: Sequence[type[nn.Module]] | None) -> tuple[type[nn.Module], ...]:
+    if targets is None:
+        return DEFAULT_TARGETS
+    targets = tuple(targets) if isinstance(targets, Sequence) else (targets,)
+    for target in targets:
+        if not (isinstance(target, type) and issubclass(target, DEFAULT_TARGETS)):
+            raise TypeError(
+                f"targets may only hold nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or their subclasses, "
+                f"got {target!r}"
+            )
+    if not targets:
+        raise ValueError("targets is empty: leave it as None for Conv1d/2d/3d and Linear")
+    return targets
+
+
+def describe_model(model: nn.Module, limit: int = 25) -> str:
+    """Top-level children with their Conv/Linear counts: what an error message shows the user."""
+    lines = []
+    for name, child in list(model.named_children())[:limit]:
+        kinds = Counter(type(m).__name__ for m in child.modules() if isinstance(m, (*DEFAULT_TARGETS, SVFLayer)))
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        lines.append(f"  {name} ({type(child).__name__}{': ' + counts if counts else ''})")
+    extra = len(list(model.children())) - limit
+    if extra > 0:
+        lines.append(f"  ... and {extra} more")
+    totals = Counter(type(m).__name__ for m in model.modules() if isinstance(m, DEFAULT_TARGETS))
+    total = ", ".join(f"{n} {k}" for k, n in sorted(totals.items())) or "no Conv or Linear layers"
+    return "Top-level children of the model:\n" + "\n".join(lines) + f"\nIn total: {total}."
+
+
+def select_layers(
+    model: nn.Module,
+    layers: LayerSelector = None,
+    targets: Sequence[type[nn.Module]] | None = None,
+    exclude: LayerSelector = None,
+) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs apply_svf should adapt; raises a clear error for any bad choice."""
+    targets = _check_targets(targets)
+    include, prefixes = (lambda n, m: True, []) if layers is None else _compile(layers, "layers")
+    skip, skip_prefixes = (lambda n, m: False, []) if exclude is None else _compile(exclude, "exclude")
+    names = [name for name, _ in model.named_modules()]
+    for argument, literal in (("layers", prefixes), ("exclude", skip_prefixes)):
+        for prefix in literal:
+            if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                raise ValueError(
+                    f"{argument} entry {prefix!r} matches no module of the model.\n{describe_model(model)}"
+                )
+
+    selected, already, refused = [], [], []
+    for name, module in model.named_modules():
+        if not name or not include(name, module) or skip(name, module):
+            continue
+        if isinstance(module, SVFLayer):
+            already.append(name)
+        elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            if not isinstance(module, targets):
+                continue
+            reason = unsupported_reason(module)
+            if reason is not None:
+                refused.append(f"  {name}: {reason}")
+            else:
+                selected.append((name, module))
+    if already:
+        shown = ", ".join(already[:5]) + (f" and {len(already) - 5} more" if len(already) > 5 else "")
+        raise ValueError(
+            f"SVF is already applied to {shown}. Applying it twice would decompose the SVF factors again; "
+            "call svftune.unapply_svf(model) (or merge_svf) first, or pick other layers."
+        )
+    if refused:
+        raise TypeError("apply_svf selected layers it cannot adapt:\n" + "\n".join(refused))
+    if not selected:
+        if isinstance(model, (*DEFAULT_TARGETS, SVFLayer)) and not list(model.children()):
+            raise ValueError(
+                f"apply_svf adapts the layers inside a model, but got a bare {type(model).__name__}; "
+                "wrap a single layer with svftune.SVFConv2d(layer) / SVFLinear(layer) instead"
+            )
+        chosen = f"layers={layers!r}" if layers is not None else "the default (every layer)"
+        restrict = f", targets={[t.__name__ for t in targets]}" + (f", exclude={exclude!r}" if exclude else "")
+        raise ValueError(f"apply_svf matched no layer with {chosen}{restrict}.\n{describe_model(model)}")
+    return selected
