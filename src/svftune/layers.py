@@ -89,7 +89,8 @@ class _ScaleProject(torch.autograd.Function):
             s_view = s.reshape(1, groups * rank, *(1,) * nd)
         grad_z = grad_s = grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_s = torch.sum(grad_t * z.to(grad_t.dtype), sum_dims, dtype=torch.float32)
+            accumulate = torch.promote_types(grad_t.dtype, torch.float32)  # half products, fp32 sums
+            grad_s = torch.sum(grad_t * z.to(grad_t.dtype), sum_dims, dtype=accumulate)
             grad_s = grad_s.reshape(s.shape).to(s.dtype)
         if ctx.needs_input_grad[0]:
             grad_z = grad_t * s_view.to(grad_t.dtype)
