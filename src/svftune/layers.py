@@ -341,7 +341,7 @@ class _SVFConvNd(SVFLayer):
     def _output_positions(self, x: Tensor) -> int:
         spatial = x.shape[-self.spatial_dims :]
         batch = x.numel() // max(math.prod(spatial) * self.in_channels, 1)
-        return batch * math.prod(math.ceil(n / s) for n, s in zip(spatial, self.stride))
+        return batch * math.prod(math.ceil(n / s) for n, s in zip(spatial, self.stride, strict=True))
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: bool = True) -> Tensor:
         padding = self.padding

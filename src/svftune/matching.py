@@ -49,8 +49,7 @@ def _check_targets(targets: Sequence[type[nn.Module]] | None) -> tuple[type[nn.M
     for target in targets:
         if not (isinstance(target, type) and issubclass(target, DEFAULT_TARGETS)):
             raise TypeError(
-                f"targets may only hold nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or their subclasses, "
-                f"got {target!r}"
+                f"targets may only hold nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or their subclasses, got {target!r}"
             )
     if not targets:
         raise ValueError("targets is empty: leave it as None for Conv1d/2d/3d and Linear")
@@ -90,15 +89,16 @@ def select_layers(
                     f"{argument} entry {prefix!r} matches no module of the model.\n{describe_model(model)}"
                 )
 
+    # A transposed conv is no Conv2d, but it is the kind of layer a user asking for convs means: refuse it
+    # loudly instead of skipping it silently.
+    convs_targeted = any(issubclass(t, nn.modules.conv._ConvNd) for t in targets)
     selected, already, refused = [], [], []
     for name, module in model.named_modules():
         if not name or not include(name, module) or skip(name, module):
             continue
         if isinstance(module, SVFLayer):
             already.append(name)
-        elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            if not isinstance(module, targets):
-                continue
+        elif isinstance(module, targets) or (convs_targeted and isinstance(module, nn.modules.conv._ConvNd)):
             reason = unsupported_reason(module)
             if reason is not None:
                 refused.append(f"  {name}: {reason}")

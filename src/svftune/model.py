@@ -115,6 +115,12 @@ def apply_svf(
         raise TypeError(f"apply_svf expects a torch.nn.Module, got {type(model).__name__}")
     train, form = normalize_train(train), normalize_form(form)
     selected = select_layers(model, layers, targets, exclude)
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"the model has lazy parameters that are not initialised yet ({', '.join(lazy[:3])}): run one "
+            "forward pass with a sample batch before apply_svf, so every weight exists and can be frozen"
+        )
     if not inplace:
         names = [name for name, _ in selected]
         model = copy.deepcopy(model)

@@ -1,0 +1,358 @@
+"""apply_svf behaviour: selection, freezing, copies, caching, serialization, dtypes, compile, and every error."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import re
+
+import pytest
+import torch
+from torch import nn
+from toys import build_toy, perturb_singular_values, randomize_norm_stats, reference_weight, relative_error
+
+import svftune
+from svftune.layers import SVFConv2d, SVFLinear
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.bn1(self.conv1(x))))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1 = Block(8)
+        self.layer2 = Block(8)
+        self.layer20 = Block(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.layer20(self.layer2(self.layer1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def make_net() -> Net:
+    torch.manual_seed(0)
+    return randomize_norm_stats(Net())
+
+
+ALL_LAYERS = ["stem", "layer1.conv1", "layer1.conv2", "layer2.conv1", "layer2.conv2", "layer20.conv1"]
+ALL_LAYERS += ["layer20.conv2", "head"]
+
+
+def adapted_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in svftune.svf_layers(model)]
+
+
+# ------------------------------------------------------------------------------------------- selection
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [
+        (["layer2"], ["layer2.conv1", "layer2.conv2"]),  # a prefix stops at a name boundary: not layer20
+        ("layer2", ["layer2.conv1", "layer2.conv2"]),
+        ("layer(1|20)", ["layer1.conv1", "layer1.conv2", "layer20.conv1", "layer20.conv2"]),
+        (r"layer\d+\.conv1", ["layer1.conv1", "layer2.conv1", "layer20.conv1"]),
+        (lambda name, module: isinstance(module, nn.Linear), ["head"]),
+        (None, [*ALL_LAYERS]),
+    ],
+)
+def test_layer_selection_forms(layers, expected):
+    assert adapted_names(svftune.apply_svf(make_net(), layers)) == expected
+
+
+def test_targets_and_exclude():
+    model = svftune.apply_svf(make_net(), targets=[nn.Linear])
+    assert adapted_names(model) == ["head"]
+    model = svftune.apply_svf(make_net(), ["layer1", "layer2"], exclude=r"layer\d\.conv2")
+    assert adapted_names(model) == ["layer1.conv1", "layer2.conv1"]
+    model = svftune.apply_svf(make_net(), ["layer1"], exclude=["layer1.conv1"])
+    assert adapted_names(model) == ["layer1.conv2"]
+
+
+def test_apply_twice_to_other_layers_accumulates_config():
+    model = svftune.apply_svf(make_net(), ["layer1"])
+    svftune.apply_svf(model, ["layer2"])
+    assert model.svf_config.layer_names == ["layer1.conv1", "layer1.conv2", "layer2.conv1", "layer2.conv2"]
+    svftune.unapply_svf(model)
+    assert all(p.requires_grad for p in model.parameters()), "original flags come back after two applies"
+
+
+# ------------------------------------------------------------------------------------------- freezing, copies
+def test_everything_but_s_frozen_and_bn_stays_in_eval():
+    model = svftune.apply_svf(make_net(), ["layer1"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer1.conv1.S", "layer1.conv2.S"}
+    model.train()
+    assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert model.layer1.conv1.training
+    stats = model.layer2.bn1.running_mean.clone()
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert torch.equal(model.layer2.bn1.running_mean, stats)
+
+
+def test_freeze_bn_false_and_freeze_others_false():
+    model = svftune.apply_svf(make_net(), ["layer1"], freeze_bn=False, freeze_others=False)
+    model.train()
+    assert model.layer1.bn1.training
+    assert model.head.weight.requires_grad and model.layer1.bn1.weight.requires_grad
+    assert not model.layer1.conv1.base_weight.requires_grad
+
+
+def test_freeze_batchnorm_survives_sync_batchnorm_conversion_when_called_again():
+    model = svftune.apply_svf(make_net(), ["layer1"])
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert svftune.freeze_batchnorm(converted) == 3
+    converted.train()
+    assert not any(m.training for m in converted.modules() if isinstance(m, nn.SyncBatchNorm))
+
+
+def test_inplace_false_leaves_model_untouched():
+    model = make_net()
+    state = copy.deepcopy(model.state_dict())
+    adapted = svftune.apply_svf(model, ["layer1"], inplace=False)
+    assert adapted is not model and adapted_names(adapted) == ["layer1.conv1", "layer1.conv2"]
+    assert not any(isinstance(m, svftune.SVFLayer) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not hasattr(model, "svf_config")
+    model.train()
+    assert model.layer1.bn1.training
+
+
+# ------------------------------------------------------------------------------------------- caching
+def test_eval_weight_cache_follows_in_place_updates_and_state_dict_loads():
+    model, x = build_toy("conv2d_3x3")
+    svftune.apply_svf(model)
+    layer = model[0]
+    model.eval()
+    with torch.no_grad():
+        first = model(x)
+        assert layer._cached_weight() is layer.base_weight, "untouched S: the original weight itself"
+        layer.S.mul_(1.1)  # what an optimizer step does
+        second = model(x)
+        assert relative_error(layer._cached_weight(), reference_weight(layer)) < 1e-6
+        assert layer._cached_weight() is layer._cached_weight(), "cached between calls"
+    assert not torch.equal(first, second)
+    trained = copy.deepcopy(model.state_dict())
+    fresh, _ = build_toy("conv2d_3x3")
+    svftune.apply_svf(fresh)
+    fresh.eval()
+    with torch.no_grad():
+        fresh(x)  # fills the cache with the untouched weight
+        fresh.load_state_dict(trained)
+        assert torch.equal(fresh(x), second)
+
+
+def test_weight_property_differentiable_for_external_readers():
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():  # same code path (the fused fast path) as the check below
+        expected, _ = copy.deepcopy(attention).eval()(x, x, x)
+    model = nn.Sequential()
+    model.add_module("attn", attention)
+    svftune.apply_svf(model)
+    assert isinstance(attention.out_proj, SVFLinear)  # nn.MultiheadAttention reads out_proj.weight itself
+    attention.eval()
+    with torch.no_grad():
+        assert torch.equal(attention(x, x, x)[0], expected)
+    perturb_singular_values(model)
+    out, _ = attention.train()(x, x, x)
+    out.square().sum().backward()
+    assert attention.out_proj.S.grad is not None and attention.out_proj.S.grad.abs().sum() > 0
+    merged = svftune.merge_svf(copy.deepcopy(model))
+    with torch.no_grad():
+        assert relative_error(merged.attn.eval()(x, x, x)[0], attention.eval()(x, x, x)[0]) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- cost model
+def test_cost_model_picks_the_cheaper_form():
+    torch.manual_seed(0)
+    conv3 = SVFConv2d(nn.Conv2d(64, 64, 3, padding=1))
+    assert conv3.uses_three_op(torch.randn(4, 64, 28, 28, requires_grad=True))
+    square = SVFLinear(nn.Linear(64, 64))
+    assert not square.uses_three_op(torch.randn(1000, 64, requires_grad=True)), "many tokens: rebuilt"
+    assert square.uses_three_op(torch.randn(4, 64, requires_grad=True)), "few tokens: rebuilding W costs more"
+    lopsided = SVFConv2d(nn.Conv2d(256, 32, 1))
+    assert lopsided.uses_three_op(torch.randn(2, 256, 28, 28, requires_grad=True))
+    forced = SVFConv2d(nn.Conv2d(64, 64, 3, padding=1), form="rebuilt")
+    assert not forced.uses_three_op(torch.randn(4, 64, 28, 28))
+    forced.form = "three_op"
+    assert forced.uses_three_op(torch.randn(1000, 64, 1, 1))
+
+
+# ------------------------------------------------------------------------------------------- serialization
+def test_state_dict_deepcopy_pickle_and_to_round_trips():
+    model, x = build_toy("conv2d_grouped")
+    svftune.apply_svf(model)
+    perturb_singular_values(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)]
+    for clone in copies:
+        with torch.no_grad():
+            assert torch.equal(clone.eval()(x), expected)
+        clone.train()
+        assert not clone[1].training, "BatchNorm stays frozen in the copy"
+        assert clone[1].train is not model[1].train
+    fresh, _ = build_toy("conv2d_grouped", seed=5)
+    svftune.apply_svf(fresh)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), expected)
+        doubled = copy.deepcopy(model).to(torch.float64)
+        assert doubled[0].S.dtype == torch.float64
+        assert relative_error(doubled(x.double()), expected) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    model, x = build_toy("conv2d_3x3", dtype=dtype)
+    expected = copy.deepcopy(model).eval()(x)
+    svftune.apply_svf(model)
+    layer = model[0]
+    assert layer.S.dtype == torch.float32, "singular values train in float32 so small updates are not lost"
+    assert layer.U.dtype == dtype and layer.base_weight.dtype == dtype
+    assert torch.equal(model.eval()(x), expected)
+    model.train()
+    for form in ("three_op", "rebuilt"):
+        layer.form = form
+        layer.S.grad = None
+        out = model(x)
+        assert out.dtype == dtype
+        out.float().square().mean().backward()
+        assert layer.S.grad.dtype == torch.float32 and torch.isfinite(layer.S.grad).all()
+    merged = svftune.merge_svf(model)
+    assert merged[0].weight.dtype == dtype
+
+
+def test_autocast_training_step():
+    model, x = build_toy("conv2d_3x3")
+    svftune.apply_svf(model, form="three_op")
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().square().mean().backward()
+    assert model[0].S.grad.dtype == torch.float32 and model[0].S.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_training_matches_eager():
+    model, x = build_toy("conv2d_3x3")
+    svftune.apply_svf(model, form="three_op")
+    perturb_singular_values(model)
+    eager = copy.deepcopy(model).train()
+    eager(x).square().mean().backward()
+    compiled = torch.compile(model.train(), backend="aot_eager")
+    compiled(x).square().mean().backward()
+    assert relative_error(model[0].S.grad, eager[0].S.grad) < 1e-5
+    with torch.no_grad():
+        assert relative_error(compiled.eval()(x), eager.eval()(x)) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------- errors
+def error_message(exc_type, fn, *args, **kwargs) -> str:
+    with pytest.raises(exc_type) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def test_error_nothing_matched_lists_the_model():
+    message = error_message(ValueError, svftune.apply_svf, make_net(), "block")
+    assert "matched no layer" in message and "layer20 (Block: 2 Conv2d)" in message and "1 Linear" in message
+
+
+def test_error_prefix_typo():
+    message = error_message(ValueError, svftune.apply_svf, make_net(), ["layer1", "layr2"])
+    assert "'layr2' matches no module" in message and "stem (Conv2d" in message
+    message = error_message(ValueError, svftune.apply_svf, make_net(), ["layer1"], exclude=["layer1.cnv1"])
+    assert "exclude entry 'layer1.cnv1'" in message
+
+
+def test_error_bad_arguments():
+    assert "not a valid regular expression" in error_message(ValueError, svftune.apply_svf, make_net(), "layer[")
+    assert "list of module-name prefixes" in error_message(TypeError, svftune.apply_svf, make_net(), 5)
+    assert "list of module-name prefixes" in error_message(TypeError, svftune.apply_svf, make_net(), [])
+    message = error_message(TypeError, svftune.apply_svf, make_net(), targets=[nn.BatchNorm2d])
+    assert "targets may only hold" in message
+    assert "train='X'" in error_message(ValueError, svftune.apply_svf, make_net(), train="X")
+    assert "form='fast'" in error_message(ValueError, svftune.apply_svf, make_net(), form="fast")
+    assert "expects a torch.nn.Module" in error_message(TypeError, svftune.apply_svf, "resnet50")
+    assert "bare Conv2d" in error_message(ValueError, svftune.apply_svf, nn.Conv2d(3, 4, 3))
+    assert "wraps an nn.Conv2d" in error_message(TypeError, SVFConv2d, nn.Linear(3, 4))
+
+
+def test_error_applying_twice():
+    model = svftune.apply_svf(make_net(), ["layer1"])
+    message = error_message(ValueError, svftune.apply_svf, model, ["layer1"])
+    assert "already applied to layer1.conv1, layer1.conv2" in message and "unapply_svf" in message
+    assert "already applied" in error_message(ValueError, svftune.apply_svf, model)
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class PlainSubclassLinear(nn.Linear):
+    """A subclass that does not change the computation (like nn.MultiheadAttention's out_proj class)."""
+
+
+@pytest.mark.parametrize(
+    ("layer", "fragment"),
+    [
+        (nn.ConvTranspose2d(4, 4, 3), "transposed convolution"),
+        (nn.LazyConv2d(4, 3), "lazy module"),
+        (WeightStandardizedConv2d(4, 4, 3), "overrides forward()"),
+        (nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 3)), "parametrization"),
+    ],
+)
+def test_error_unsupported_layer_kinds(layer, fragment):
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), layer)
+    message = error_message(TypeError, svftune.apply_svf, model)
+    assert re.search(rf"\n  1: .*{re.escape(fragment)}", message), message
+    assert "exclude" in message or "forward pass" in message
+    assert not any(isinstance(m, svftune.SVFLayer) for m in model.modules()), "nothing applied on error"
+    if isinstance(layer, nn.LazyConv2d):
+        message = error_message(ValueError, svftune.apply_svf, model, exclude=["1"])
+        assert "run one forward pass" in message and "1.weight" in message
+    else:
+        assert adapted_names(svftune.apply_svf(model, exclude=["1"])) == ["0"]
+
+
+def test_error_hooks_would_be_lost_and_plain_subclass_is_fine():
+    model = nn.Sequential(nn.Linear(4, 4), PlainSubclassLinear(4, 2))
+    model[0].register_forward_hook(lambda *args: None)
+    assert "hooks registered" in error_message(TypeError, svftune.apply_svf, model)
+    svftune.apply_svf(model, ["1"])
+    assert type(svftune.unapply_svf(model)[1]) is PlainSubclassLinear
+
+
+def test_quickstart_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "quickstart.py"
+    args = [sys.executable, str(script), "--steps", "2", "--batch-size", "2", "--image-size", "64"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "trainable params: 33,034" in result.stdout
+    assert "merged vs unmerged output: relative difference" in result.stdout
