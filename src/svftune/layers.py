@@ -13,8 +13,9 @@ Training can run one of two forms that compute the same function (see ``docs/con
 - ``"rebuilt"``: one conv with the rebuilt weight. Cheaper forward, but the backward needs a full weight
   gradient.
 
-``form="auto"`` picks per call from the multiply-add counts of the actual input; eval and no-grad forwards use
-one conv with the rebuilt weight, cached until a factor changes.
+``form="auto"`` picks per training call from the multiply-add counts of the actual input. Eval-mode forwards use
+the rebuilt weight (exactly ``W`` while ``S == S0``); forwards that need no gradient for the layer use one conv
+with the rebuilt weight, cached until a factor changes.
 """
 
 from __future__ import annotations
@@ -155,6 +156,13 @@ class SVFLayer(nn.Module):
     spatial_dims: ClassVar[int]  # 0 for Linear
 
     def __init__(self, base: nn.Module, *, train: str = "S", form: str = "auto") -> None:
+        """Decompose ``base`` and take over its tensors (its weight and bias become frozen).
+
+        Args:
+            base: the layer to adapt; its ``weight``/``bias`` Parameters are reused, not copied.
+            train: which factors train: ``"S"`` (default) or a combination of ``"U"``, ``"S"``, ``"V"``.
+            form: training form, ``"auto"``, ``"three_op"`` or ``"rebuilt"`` (see the module docstring).
+        """
         super().__init__()
         if not isinstance(base, self.base_type):
             raise TypeError(f"{type(self).__name__} wraps an nn.{self.base_type.__name__}, got {type(base).__name__}")
@@ -248,13 +256,14 @@ class SVFLayer(nn.Module):
     @torch.no_grad()
     def _cached_weight(self) -> Tensor:
         """Rebuilt weight for eval/no-grad forwards, recomputed only when a factor changed."""
-        if self.residual is None and torch.equal(self.S, self.S0):
-            return self.base_weight  # exactly the original: bit-identical outputs at initialisation
-        key = self._cache_key()
+        key = self._cache_key()  # version counters: no device sync on a cache hit
         if self._cache is None or self._cache[0] != key:
             self.__dict__["_cache"] = None  # free the old weight before building the new one
-            with torch.autocast(self.base_weight.device.type, enabled=False):
-                weight = self.effective_weight().to(self.base_weight.dtype)
+            if self.residual is None and torch.equal(self.S, self.S0):
+                weight = self.base_weight  # exactly the original: bit-identical outputs, no extra memory
+            else:
+                with torch.autocast(self.base_weight.device.type, enabled=False):
+                    weight = self.effective_weight().to(self.base_weight.dtype)
             self.__dict__["_cache"] = (key, weight)
         return self._cache[1]
 
