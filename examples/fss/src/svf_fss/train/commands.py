@@ -1,0 +1,145 @@
+"""``svf-fss train | test | reproduce | table | make-configs | mini-benchmark`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_config
+from .runtime import cleanup_process, setup_process
+
+CONFIG_HELP = "a TOML file from examples/fss/configs/ (one per table row); omit for the defaults"
+SET_HELP = "override a config key, TOML syntax: --set fold=1 --set lr=0.01 --set 'test_seeds=[510, 365]'"
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.set or [])
+    for key in ("fold", "shots"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help=CONFIG_HELP)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    parser.add_argument("--fold", type=int, help="fold 0-3 (same as --set fold=N)")
+    parser.add_argument("--shots", type=int, help="K support images (same as --set shots=K)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import test, train
+
+    config = _config(args)
+    process = setup_process(config.device)
+    try:
+        summary = train(config, process)
+        if args.test:
+            record = test(config, process)
+            summary["test"] = record
+    finally:
+        cleanup_process(process)
+    if process.is_main:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from .engine import test
+
+    config = _config(args)
+    process = setup_process(config.device)
+    try:
+        record = test(config, process, which=args.checkpoint)
+    finally:
+        cleanup_process(process)
+    if process.is_main:
+        print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """One table row: train and test every fold, then print the row."""
+    from .engine import iterate_folds, test, train
+    from .table import collect_runs, markdown_table
+
+    config = _config(args)
+    folds = [int(f) for f in args.folds.split(",")]
+    process = setup_process(config.device)
+    try:
+        for fold_config in iterate_folds(config, folds):
+            train(fold_config, process)
+            for which in ("best", "last"):
+                test(fold_config, process, which=which)
+    finally:
+        cleanup_process(process)
+    if process.is_main:
+        root = Path(config.output.split("{")[0] or ".")
+        for which in ("best", "last"):
+            print(markdown_table(collect_runs(root, which), which))
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .table import collect_runs, markdown_table
+
+    text = markdown_table(collect_runs(args.runs, args.checkpoint), args.checkpoint)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_make_configs(args: argparse.Namespace) -> int:
+    from .configs import write_configs
+
+    paths = write_configs(Path(args.out))
+    print(f"wrote {len(paths)} config files under {args.out}")
+    return 0
+
+
+def cmd_mini_benchmark(args: argparse.Namespace) -> int:
+    from .mini_benchmark import run_mini_benchmark
+
+    run_mini_benchmark(Path(args.out), data_root=args.data, strategies=args.strategies.split(","), quick=args.quick)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the training subcommands to the ``svf-fss`` parser."""
+    p = sub.add_parser("train", help="train one run (resumes from its folder's last checkpoint)")
+    _add_common(p)
+    p.add_argument("--test", action="store_true", help="also test the best checkpoint when training ends")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("test", help="test a trained run on the test episodes (every test seed)")
+    _add_common(p)
+    p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default: config's)")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("reproduce", help="one table row: train + test each fold, print the row")
+    _add_common(p)
+    p.add_argument("--folds", default="0,1,2,3", help="comma-separated folds (default 0,1,2,3)")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("table", help="collect finished runs into the paper's table layout (Markdown)")
+    p.add_argument("runs", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--out", help="also write the Markdown here")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("make-configs", help="(re)generate the per-row config files")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[3] / "configs"))
+    p.set_defaults(func=cmd_make_configs)
+
+    p = sub.add_parser("mini-benchmark", help="offline CPU benchmark: frozen vs SVF vs full fine-tuning")
+    p.add_argument("--out", default="runs/mini-benchmark", help="output folder (runs, results, plot)")
+    p.add_argument("--data", default=None, help="mini dataset folder (generated there if missing)")
+    p.add_argument("--strategies", default="frozen,svf,full")
+    p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
+    p.set_defaults(func=cmd_mini_benchmark)
+
+
+__all__ = ["ConfigError", "register"]
