@@ -122,10 +122,10 @@ def _batch_to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _forward_train(model: nn.Module, batch: dict) -> dict:
+def _forward_train(model: nn.Module, batch: dict, base_channel: torch.Tensor) -> dict:
     extra = {}
-    if "query_base" in batch:
-        extra = {"base_label": batch["query_base"], "episode_class": batch["class_id"]}
+    if "query_base" in batch:  # BAM: the episode class as its channel in the base learner's output
+        extra = {"base_label": batch["query_base"], "episode_class": base_channel[batch["class_id"]]}
     return model(batch["query"], batch["support"], batch["support_mask"], batch["query_mask"], **extra)
 
 
@@ -299,6 +299,9 @@ def train(config: RunConfig, process: Process) -> dict[str, Any]:
         if process.is_main:
             print(f"resuming {out} after epoch {state['epoch'] + 1} (iteration {iteration})")
 
+    # base class base[i] is channel i + 1 of BAM's base learner (data.base_label_map numbers them so)
+    base_channel = torch.zeros(max(train_set.base) + 1, dtype=torch.long, device=process.device)
+    base_channel[torch.tensor(train_set.base)] = torch.arange(1, len(train_set.base) + 1, device=process.device)
     net = model
     if process.distributed:
         device_ids = [process.device.index] if process.device.type == "cuda" else None
@@ -321,7 +324,7 @@ def train(config: RunConfig, process: Process) -> dict[str, Any]:
                     group["lr"] = config.lr * group["lr_scale"] * factor
                 batch = _batch_to(batch, process.device)
                 with _autocast(config, process.device):
-                    loss = _forward_train(net, batch)["loss"]
+                    loss = _forward_train(net, batch, base_channel)["loss"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}: lower lr or use amp")
                 optimizer.zero_grad(set_to_none=True)
