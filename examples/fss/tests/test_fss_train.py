@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -68,7 +69,7 @@ def test_every_row_config_loads(path):
 
 
 def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key.*learning_rate"):
+    with pytest.raises(ConfigError, match=r"unknown key.*learning_rate"):
         load_config(None, ["learning_rate=0.1"])
     with pytest.raises(ConfigError, match="lr must be a number"):
         load_config(None, ["lr=fast"])
@@ -102,7 +103,7 @@ def test_lr_schedules():
     assert math.isclose(lr_factor("poly", 50, 100, 0.9), 0.5**0.9)
     assert lr_factor("constant", 99, 100) == 1.0
     values = [lr_factor("cosine", i, 40) for i in range(41)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False)), "decays every iteration"
+    assert all(a >= b for a, b in itertools.pairwise(values)), "decays every iteration"
 
 
 # ------------------------------------------------------------------------------------------- smoke runs
