@@ -8,15 +8,24 @@ LAPACK's divide-and-conquer SVD is slow on strongly rectangular matrices (a 512 
 4096 x 25088 classifier). Reducing the matrix to its square triangular factor with a Householder QR first,
 then decomposing that square factor, is exact (backward stable, like the SVD itself) and several times faster
 there; see benchmarks/README.md for the measured numbers.
+
+On CPU, matrices below :data:`SINGLE_THREAD_WORK` multiply-adds are decomposed on one thread: multi-threaded
+LAPACK gains little there, and on a busy machine (DataLoader workers, other jobs) its threads spin against each
+other; we measured a 960 x 160 SVD go from 0.02 s to 1.8 s with 2 threads on a loaded 2-core machine.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 #: Aspect ratio (long side / short side) from which the QR-first route is used.
 QR_FIRST_ASPECT = 2.0
+#: ``m * n * min(m, n)`` (summed over the batch) below which CPU decompositions run on one thread.
+SINGLE_THREAD_WORK = 2e10
 
 
 def decomposition_dtype(device: torch.device) -> torch.dtype:
@@ -37,6 +46,26 @@ def thin_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if not matrices.is_floating_point():
         raise TypeError(f"thin_svd expects a floating-point tensor, got {matrices.dtype}")
     a = matrices.to(decomposition_dtype(matrices.device))
+    m, n = a.shape[-2:]
+    work = a.numel() * min(m, n)
+    with _threads(1 if a.device.type == "cpu" and work < SINGLE_THREAD_WORK else None):
+        return _thin_svd(a)
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (``None``: leave it)."""
+    before = torch.get_num_threads()
+    if count is not None and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     m, n = a.shape[-2:]
     if max(m, n) < QR_FIRST_ASPECT * min(m, n):
         return torch.linalg.svd(a, full_matrices=False)
