@@ -46,3 +46,25 @@ __all__ = [
     "unapply_svf",
     "unfreeze_batchnorm",
 ]
+
+# Checkpoints, adapters and the Hub (svftune.checkpoint, svftune.adapters, svftune.hub).
+from .adapters import active_adapter, delete_adapter, disable_adapter, list_adapters, mix_adapters, set_adapter
+from .cache import DecompositionCache
+from .checkpoint import SVFCheckpoint, SVFCheckpointError, load_svf, read_svf, save_svf
+from .hub import push_to_hub
+
+__all__ += [
+    "DecompositionCache",
+    "SVFCheckpoint",
+    "SVFCheckpointError",
+    "active_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "list_adapters",
+    "load_svf",
+    "mix_adapters",
+    "push_to_hub",
+    "read_svf",
+    "save_svf",
+    "set_adapter",
+]

@@ -207,6 +207,7 @@ class SVFLayer(nn.Module):
             self.residual = nn.Parameter(residual.to(weight.dtype), requires_grad=False)
         else:
             self.register_parameter("residual", None)
+        self.train(base.training)  # start in the replaced layer's mode (unapply hands that mode back)
 
     @classmethod
     def from_module(cls, base: nn.Module, *, train: str = "S", form: str = "auto") -> SVFLayer:

@@ -1,0 +1,164 @@
+"""Opt-in on-disk cache of the decompositions SVF needs, so a second load of the same base skips the SVDs.
+
+Entries are keyed by the sha256 fingerprint of the base weight (its dtype, shape and bytes) and the shape of the
+folded matrix, so an entry can never belong to other weights: a changed weight has another key. Each entry is a
+safetensors file (never a pickle) written atomically, holding ``U`` and ``Vh`` in the weight's dtype (what the
+SVF layer keeps anyway; float32 for half-precision weights) and ``S`` in float64. A stale or damaged entry is not
+trusted on its checksum alone: before use, the factors are checked to be an SVD of the weight (shapes, finite,
+sorted non-negative ``S``, and ``A x = U S Vh x``, ``U^T U y = y``, ``Vh Vh^T y = y`` on fixed random vectors).
+An entry that fails is discarded with a warning and recomputed.
+
+    svftune.load_svf(model, "ckpt", cache_dir="~/.cache/svftune")   # first load: SVDs, stored
+    svftune.load_svf(model2, "ckpt", cache_dir="~/.cache/svftune")  # same base, new process: read back
+
+Until the core offers a way to hand precomputed factors to the SVF layers, the cache is plugged in by swapping
+the decomposition function the layers call (:func:`decompose_with`) for the duration of one apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+from .decompose import thin_svd
+
+CACHE_VERSION = 1
+#: Largest relative error of the checks above that a cached entry may show (float32 factors reach ~1e-6).
+CHECK_TOLERANCE = 1e-5
+Factors = tuple[Tensor, Tensor, Tensor]
+_PATCH_LOCK = threading.RLock()
+
+
+class DecompositionCache:
+    """SVDs of base weights on disk under ``directory``, keyed by the weights' fingerprint."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory).expanduser()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(weight_sha256: str, shape: tuple[int, ...]) -> str:
+        """Entry name for a weight with this fingerprint, folded to ``shape``."""
+        return hashlib.sha256(f"svftune-svd-v{CACHE_VERSION};{weight_sha256};{list(shape)}".encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str, matrices: Tensor, float64: bool = True) -> Factors | None:
+        """The cached ``(U, S, Vh)`` of ``matrices``, or ``None`` (missing, stale or damaged).
+
+        ``float64=False`` returns ``U`` and ``Vh`` as stored (in the weight's dtype), which spares two copies when
+        the caller casts them to that dtype anyway.
+        """
+        from .checkpoint import SVFCheckpointError
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            try:  # memory-mapped read; safetensors validates the layout and never unpickles
+                with safetensors.safe_open(str(path), framework="pt") as file:
+                    header = file.metadata() or {}
+                    tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+            except Exception as err:  # safetensors raises its own error type for every defect
+                raise SVFCheckpointError(f"unreadable: {err}") from None
+            if header.get("key") != key or set(tensors) != {"U", "S", "Vh"}:
+                raise SVFCheckpointError("it belongs to another weight")
+            u, s, vh = (tensors[n].to(matrices.device) for n in ("U", "S", "Vh"))
+            problem = svd_problem(matrices, u, s, vh)
+            if problem:
+                raise SVFCheckpointError(problem)
+        except (OSError, SVFCheckpointError) as err:
+            warnings.warn(f"svftune cache: discarding {path} ({err}); recomputing the decomposition", stacklevel=2)
+            path.unlink(missing_ok=True)
+            return None
+        if float64:
+            u, vh = u.to(torch.float64), vh.to(torch.float64)
+        return u, s.to(torch.float64), vh
+
+    def put(self, key: str, matrices: Tensor, factors: Factors) -> None:
+        """Store ``factors`` atomically; a failure to write (full disk, read-only) only warns."""
+        from .checkpoint import atomic_write
+
+        storage = matrices.dtype if matrices.dtype in (torch.float32, torch.float64) else torch.float32
+        u, s, vh = factors
+        tensors = {"U": u.to("cpu", storage), "S": s.to("cpu", torch.float64), "Vh": vh.to("cpu", storage)}
+        tensors = {name: t.contiguous() for name, t in tensors.items()}
+        path = self.path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, safetensors.torch.save(tensors, metadata={"key": key, "version": str(CACHE_VERSION)}))
+        except OSError as err:
+            warnings.warn(f"svftune cache: could not write {path} ({err}); continuing without caching", stacklevel=2)
+
+    def provider(self, fingerprints: dict[int, str], float64: bool = True) -> Callable[[Tensor], Factors]:
+        """A stand-in for ``thin_svd`` that serves weights whose ``data_ptr`` is in ``fingerprints`` from the cache.
+
+        ``float64=False``: cached ``U``/``Vh`` come back in the weight's dtype (enough when only ``S`` trains: the
+        SVF layer casts them to that dtype; ``U``/``V`` training computes a residual that wants float64).
+        """
+
+        def decompose(matrices: Tensor) -> Factors:
+            weight_sha = fingerprints.get(matrices.data_ptr())
+            if weight_sha is None:
+                return thin_svd(matrices)
+            key = self.key(weight_sha, tuple(matrices.shape))
+            cached = self.get(key, matrices, float64)
+            if cached is not None:
+                self.hits += 1
+                return cached
+            self.misses += 1
+            factors = thin_svd(matrices)
+            self.put(key, matrices, factors)
+            return factors
+
+        return decompose
+
+
+def svd_problem(matrices: Tensor, u: Tensor, s: Tensor, vh: Tensor) -> str | None:
+    """Why ``(u, s, vh)`` is not a thin SVD of the ``(groups, m, n)`` ``matrices``, or ``None`` when it is."""
+    from .fingerprint import _unit_vectors
+
+    groups, m, n = matrices.shape
+    r = min(m, n)
+    if u.shape != (groups, m, r) or s.shape != (groups, r) or vh.shape != (groups, r, n):
+        return f"shapes {tuple(u.shape)}, {tuple(s.shape)}, {tuple(vh.shape)} do not fit {tuple(matrices.shape)}"
+    if not torch.isfinite(s).all() or (s < 0).any() or (s[:, :-1] < s[:, 1:]).any():
+        return "its singular values are not finite, sorted and non-negative"
+    # Matrix-vector checks in the factors' own dtype (at least float32): cheap, and a NaN or Inf anywhere in U
+    # or Vh reaches the result, which then fails the comparison below.
+    dtype = torch.promote_types(torch.promote_types(u.dtype, vh.dtype), torch.float32)
+    a, u, vh = matrices.to(dtype), u.to(dtype), vh.to(dtype)
+    x = _unit_vectors(n, 1, 7).to(a.device, dtype)
+    y = _unit_vectors(r, 1, 8).to(a.device, dtype)
+    scale = torch.linalg.matrix_norm(a).clamp_min(torch.finfo(dtype).tiny)
+    rebuilt = (a @ x - u @ (s.to(dtype).unsqueeze(-1) * (vh @ x))).norm(dim=(1, 2)) / scale
+    orth_u = (u.mT @ (u @ y) - y).norm(dim=(1, 2))
+    orth_v = (vh @ (vh.mT @ y) - y).norm(dim=(1, 2))
+    worst = max(float(rebuilt.max()), float(orth_u.max()), float(orth_v.max()))
+    if not worst <= CHECK_TOLERANCE:  # also catches NaN
+        return f"it is not an SVD of the weight (relative error {worst:.2g})"
+    return None
+
+
+@contextmanager
+def decompose_with(function: Callable[[Tensor], Factors]) -> Iterator[None]:
+    """Make the SVF layers built inside the block decompose with ``function`` instead of ``thin_svd``."""
+    from . import layers
+
+    with _PATCH_LOCK:
+        original = layers.thin_svd
+        layers.thin_svd = function
+        try:
+            yield
+        finally:
+            layers.thin_svd = original

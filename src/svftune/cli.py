@@ -1,0 +1,304 @@
+"""svftune command line: inspect, merge and diff singular-value checkpoints.
+
+    svftune inspect CHECKPOINT                 layers, counts, size, base fingerprints
+    svftune merge BASE CHECKPOINT OUT          base weights + checkpoint -> plain merged weights file
+    svftune diff CHECKPOINT [OTHER] [--png F]  largest singular-value changes per layer (table or bar chart)
+
+CHECKPOINT is a .safetensors file, a checkpoint directory or a Hub repo id (``--revision``). Nothing here
+unpickles a checkpoint; a ``.pt``/``.pth`` base weights file for ``merge`` is read with
+``torch.load(weights_only=True)``, which only accepts tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import KINDS, SVFCheckpoint, SVFCheckpointError, atomic_write, load_svf, read_svf
+from .model import merge_svf
+
+_SUMMARY_LAYERS = 60
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``svftune`` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (SVFCheckpointError, ImportError, OSError) as err:
+        print(f"svftune {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="show a checkpoint's layers, counts, size and base fingerprint")
+    inspect.description = (
+        "Show a checkpoint's format, configuration, layers, trainable counts, size and base fingerprints."
+    )
+    inspect.add_argument("checkpoint", help="a .safetensors file, a checkpoint directory or a Hub repo id")
+    inspect.add_argument("--revision", help="Hub branch, tag or commit")
+    inspect.add_argument("--all", action="store_true", help=f"list every layer (default: the first {_SUMMARY_LAYERS})")
+    inspect.set_defaults(run=_inspect)
+
+    merge = commands.add_parser("merge", help="base weights + checkpoint -> plain merged weights file")
+    merge.description = (
+        "Write the base model's weights with the checkpoint merged in (W + U diag(S - S0) Vh, rebuilt in float64), "
+        "as a plain state dict that loads without svftune. The base must be the one the checkpoint was trained on."
+    )
+    merge.add_argument("base", help="base state dict: .safetensors, or .pt/.pth/.bin (read with weights_only=True)")
+    merge.add_argument("checkpoint", help="a .safetensors file, a checkpoint directory or a Hub repo id")
+    merge.add_argument("output", help="merged state dict to write (.safetensors)")
+    merge.add_argument("--prefix", default="", help="prefix of the layer names in the base file, e.g. 'backbone.'")
+    merge.add_argument("--no-strict", dest="strict", action="store_false", help="merge only the layers that match")
+    merge.add_argument("--revision", help="Hub branch, tag or commit")
+    merge.set_defaults(run=_merge)
+
+    diff = commands.add_parser("diff", help="largest singular-value changes per layer (table or PNG bar chart)")
+    diff.description = (
+        "Per layer, the largest changes of the singular values (S - S0) in a checkpoint, or between two "
+        "checkpoints of the same base; as a table, or with --png as a bar chart per layer (like Figure 6 of the "
+        "SVF paper)."
+    )
+    diff.add_argument("checkpoint", help="a .safetensors file, a checkpoint directory or a Hub repo id")
+    diff.add_argument("other", nargs="?", help="a second checkpoint of the same base: show the difference")
+    diff.add_argument("--top", type=int, default=3, help="largest changes listed per layer (default 3)")
+    diff.add_argument("--png", help="write a bar chart of the changes to this PNG file (needs matplotlib)")
+    diff.add_argument("--layers", nargs="+", help="layers to chart (default: the 6 with the largest change)")
+    diff.add_argument("--revision", help="Hub branch, tag or commit")
+    diff.set_defaults(run=_diff)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+def _inspect(args: argparse.Namespace) -> int:
+    checkpoint = read_svf(args.checkpoint, revision=args.revision)
+    meta, config = checkpoint.metadata, checkpoint.config
+    print(f"checkpoint:   {checkpoint.source}")
+    print(f"format:       {meta['format_version']} (svftune {meta['svftune_version']})")
+    print(f"size:         {checkpoint.size_bytes:,d} bytes")
+    print(f"config:       train={config['train']} form={config['form']} freeze_bn={config['freeze_bn']}")
+    print(f"layers:       {len(checkpoint.layers)}")
+    print(f"values:       {checkpoint.count:,d} singular values")
+    stored = {t.dtype for t in checkpoint.deltas.values()}
+    print(f"stored as:    {', '.join(str(d).replace('torch.', '') for d in stored)}")
+    basis = sum(1 for e in checkpoint.layers.values() for t in e.ties if t[3] == "basis")
+    equal = sum(1 for e in checkpoint.layers.values() for t in e.ties if t[3] == "equal")
+    print(f"tied runs:    {basis} with stored bases, {equal} with equal changes (basis-free)")
+    if checkpoint.extra:
+        extra = ", ".join(f"{k} ({'x'.join(map(str, v.shape))})" for k, v in checkpoint.extra.items())
+        print(f"also trained: {extra}")
+    user = meta.get("user") or {}
+    for key in ("base_model", "metrics"):
+        if key in user:
+            print(f"{key + ':':13} {user[key]}")
+    rows = [("layer", "kind", "weight", "groups", "rank", "max |dS|", "ties", "base sha256")]
+    entries = list(checkpoint.layers.values())
+    shown = entries if args.all else entries[:_SUMMARY_LAYERS]
+    for entry in shown:
+        delta = checkpoint.deltas[entry.name].abs().max()
+        ties = ",".join(f"{t[2] - t[1]}{'b' if t[3] == 'basis' else 'e'}" for t in entry.ties) or "-"
+        ties = ties if len(ties) <= 16 else f"{len(entry.ties)} runs"
+        weight = f"{'x'.join(map(str, entry.shape))} {entry.dtype}"
+        rows.append(
+            (
+                entry.name,
+                entry.kind,
+                weight,
+                str(entry.groups),
+                str(entry.rank),
+                f"{float(delta):.4g}",
+                ties,
+                entry.sha256[:16],
+            )
+        )
+    print()
+    _table(rows)
+    if len(shown) < len(entries):
+        print(f"... and {len(entries) - len(shown)} more layers (--all lists them)")
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+# ------------------------------------------------------------------------------------------------ merge
+def _merge(args: argparse.Namespace) -> int:
+    checkpoint = read_svf(args.checkpoint, revision=args.revision)
+    state = read_state_dict(Path(args.base))
+    merged = merge_state_dict(state, checkpoint, prefix=args.prefix, strict=args.strict)
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise SVFCheckpointError(
+            f"the merged weights are written as safetensors: name the output *.safetensors, not {output}"
+        )
+    atomic_write(output, safetensors.torch.save({k: v.contiguous() for k, v in merged.items()}))
+    changed = len(checkpoint.layers) + len(checkpoint.extra)
+    print(f"wrote {output}: {len(merged)} tensors, {changed} of them changed by {checkpoint.source}")
+    return 0
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A flat state dict from a .safetensors file, or a .pt/.pth/.bin file read with ``weights_only=True``."""
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path)
+        except Exception as err:
+            raise SVFCheckpointError(f"cannot read base weights {path}: {err}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SVFCheckpointError(f"cannot read base weights {path} as a state dict: {err}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise SVFCheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def merge_state_dict(
+    state: dict[str, Tensor], checkpoint: SVFCheckpoint, *, prefix: str = "", strict: bool = True
+) -> dict[str, Tensor]:
+    """``state`` with the checkpoint merged into its adapted layers (and its other trained tensors replaced).
+
+    The adapted layers are rebuilt as plain modules around the state dict's tensors, so the base checks of
+    :func:`svftune.load_svf` apply: another base raises :class:`SVFCheckpointError`.
+    """
+    root = nn.Module()
+    for name, entry in checkpoint.layers.items():
+        key = f"{prefix}{name}.weight"
+        if key not in state:
+            if strict:
+                raise SVFCheckpointError(f"the base weights have no {key!r} for layer {name}; check --prefix")
+            continue
+        _put(root, name, _layer_around(entry.kind, state[key], entry.groups, state.get(f"{prefix}{name}.bias")))
+    for pname in checkpoint.extra:
+        if f"{prefix}{pname}" in state:
+            module_name, _, attr = pname.rpartition(".")
+            holder = _module_at(root, module_name)
+            if attr not in holder._parameters:
+                holder.register_parameter(attr, nn.Parameter(state[f"{prefix}{pname}"].clone(), requires_grad=False))
+    load_svf(root, checkpoint, strict=strict)
+    merge_svf(root)
+    merged = dict(state)
+    for name, tensor in root.state_dict().items():
+        merged[f"{prefix}{name}"] = tensor.detach()
+    return merged
+
+
+def _layer_around(kind: str, weight: Tensor, groups: int, bias: Tensor | None) -> nn.Module:
+    """A plain layer of ``kind`` that holds ``weight`` (and ``bias``) itself."""
+    layer_type = KINDS[kind]
+    with torch.device("meta"):
+        if layer_type is nn.Linear:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        else:
+            layer = layer_type(
+                weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), groups=groups, bias=False
+            )
+    layer.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    return layer
+
+
+def _module_at(root: nn.Module, name: str) -> nn.Module:
+    module = root
+    for part in name.split(".") if name else []:
+        if part not in module._modules:
+            module.add_module(part, nn.Module())
+        module = module._modules[part]
+    return module
+
+
+def _put(root: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    _module_at(root, parent).add_module(child, layer)
+
+
+# ------------------------------------------------------------------------------------------------ diff
+def _diff(args: argparse.Namespace) -> int:
+    checkpoint = read_svf(args.checkpoint, revision=args.revision)
+    changes = {name: delta.to(torch.float64) for name, delta in checkpoint.deltas.items()}
+    title = f"S - S0 in {checkpoint.source}"
+    if args.other:
+        other = read_svf(args.other, revision=args.revision)
+        if list(other.layers) != list(checkpoint.layers) or any(
+            other.layers[n].sha256 != e.sha256 for n, e in checkpoint.layers.items()
+        ):
+            raise SVFCheckpointError(
+                f"{args.other} was not trained on the same base layers as {args.checkpoint}: they cannot be compared"
+            )
+        changes = {name: other.deltas[name].to(torch.float64) - delta for name, delta in changes.items()}
+        title = f"singular values of {other.source} minus {checkpoint.source}"
+    if args.top < 1:
+        raise SVFCheckpointError("--top must be at least 1")
+    rows = [("layer", "values", "mean |dS|", f"largest changes (group:index {'+/-'}value, top {args.top})")]
+    for name, change in changes.items():
+        flat = change.reshape(-1)
+        top = flat.abs().topk(min(args.top, flat.numel())).indices.tolist()
+        rank = change.shape[1]
+        listed = "  ".join(f"{i // rank}:{i % rank} {float(flat[i]):+.4g}" for i in top)
+        rows.append((name, str(flat.numel()), f"{float(flat.abs().mean()):.4g}", listed))
+    print(title)
+    _table(rows)
+    if args.png:
+        _plot(changes, args.layers, Path(args.png), title)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _plot(changes: dict[str, Tensor], layers: list[str] | None, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "svftune diff --png needs matplotlib: pip install 'svftune[plots]' (or pip install matplotlib)"
+        ) from None
+    if layers:
+        unknown = [name for name in layers if name not in changes]
+        if unknown:
+            raise SVFCheckpointError(f"--layers: no layer {', '.join(unknown)} in the checkpoint; see svftune inspect")
+    else:
+        layers = sorted(changes, key=lambda n: -float(changes[n].abs().max()))[:6]
+        layers = [name for name in changes if name in layers]  # keep model order
+    columns = min(3, len(layers))
+    rows = math.ceil(len(layers) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), squeeze=False)
+    for axis in axes.flat[len(layers) :]:
+        axis.set_visible(False)
+    for axis, name in zip(axes.flat, layers, strict=False):
+        values = changes[name].reshape(-1).numpy()
+        colors = ["tab:blue" if v >= 0 else "tab:red" for v in values]
+        axis.bar(range(len(values)), values, width=1.0, color=colors)
+        axis.axhline(0, color="black", linewidth=0.5)
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("singular value index", fontsize=8)
+        axis.set_ylabel("change", fontsize=8)
+        axis.tick_params(labelsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Share checkpoints through the Hugging Face Hub (``pip install huggingface_hub``, an optional dependency).
+
+``push_to_hub`` saves the checkpoint directory (``svf_config.json``, weights, README model card) and uploads it;
+``load_svf(model, "user/repo", revision=...)`` downloads it through huggingface_hub, so its cache, offline mode
+(``HF_HUB_OFFLINE=1``) and token handling all apply.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_PREFIX, SVFCheckpointError, save_svf
+
+_PATTERNS = [CONFIG_NAME, CARD_NAME, f"{WEIGHTS_PREFIX}-*.safetensors"]
+
+
+def _hub() -> Any:
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError(
+            "sharing checkpoints through the Hugging Face Hub needs huggingface_hub: pip install 'svftune[hub]' "
+            "(or pip install huggingface_hub)"
+        ) from None
+    return huggingface_hub
+
+
+def download(repo_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None) -> str:
+    """Local directory of the checkpoint in Hub repo ``repo_id`` (downloaded, or from huggingface_hub's cache)."""
+    hub = _hub()
+    try:
+        return hub.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=_PATTERNS)
+    except Exception as err:  # network, authentication, missing repo or revision, offline cache miss
+        offline = " (offline mode: it is not in the local cache)" if hub.is_offline_mode() else ""
+        raise SVFCheckpointError(
+            f"cannot get checkpoint {repo_id!r}{f' at revision {revision!r}' if revision else ''} from the Hugging "
+            f"Face Hub{offline}: {type(err).__name__}: {err}. (No local file or directory of that name exists either.)"
+        ) from None
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload SVF checkpoint",
+) -> str:
+    """Save the model's SVF checkpoint with a model card and upload it to Hub repo ``repo_id``.
+
+    Args:
+        base_model: the base model's name or Hub id (shown on the card, recorded in the metadata).
+        metrics: optional evaluation results for the card, e.g. ``{"mIoU (5-shot)": 0.61}``.
+        metadata, dtype: as for :func:`svftune.save_svf`.
+        private, token, revision: passed to huggingface_hub (repository visibility, credentials, branch).
+
+    Returns:
+        The URL of the commit.
+    """
+    hub = _hub()
+    user = dict(metadata or {})
+    if base_model is not None:
+        user["base_model"] = base_model
+    if metrics is not None:
+        user["metrics"] = dict(metrics)
+    api = hub.HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="svftune-push-") as folder:
+        save_svf(model, folder, dtype=dtype, metadata=user)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message,
+            delete_patterns=[f"{WEIGHTS_PREFIX}-*.safetensors"],  # the previous upload's weights
+        )
+    return str(getattr(commit, "commit_url", commit))
