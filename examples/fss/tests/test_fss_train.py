@@ -51,7 +51,7 @@ def tiny(mini_root: Path, out: Path, **values) -> dict:
 # ------------------------------------------------------------------------------------------- configs
 def test_committed_configs_are_what_the_generator_writes(tmp_path):
     written = write_configs(tmp_path)
-    assert len(written) == 36
+    assert len(written) == 40
     for path in written:
         committed = CONFIGS / path.relative_to(tmp_path)
         assert committed.read_text() == path.read_text(), f"{committed} is stale: run `svf-fss make-configs`"
@@ -62,7 +62,9 @@ def test_every_row_config_loads(path):
     config = load_config(path, ["fold=2", "shots=5"])
     assert config.fold == 2 and config.shots == 5
     assert config.method in ("baseline", "pfenet", "bam")
-    if config.strategy == "svf" and path.parent.name != "ablations":
+    if path.stem == "bam-base":
+        assert config.schedule == "poly" and config.scale == [0.5, 2.0] and config.crop == 417
+    elif config.strategy == "svf" and path.parent.name != "ablations":
         assert config.schedule == "cosine" and config.lr == 0.015
     if config.strategy == "frozen":
         assert config.schedule == "poly"
@@ -124,6 +126,16 @@ def test_smoke_train_and_test_every_method(mini_root, tmp_path, method):
     record = run_test(config, Process(), which="last")
     assert 0.0 <= record["miou"] <= 1.0 and 0.0 <= record["fb_iou"] <= 1.0
     assert json.loads((out / "test_last.json").read_text())["episodes"] == 4
+
+
+def test_bam_stage1_base_learner_then_stage2(mini_root, tmp_path):
+    from svf_fss.train.engine import train_base_learner
+
+    values = tiny(mini_root, tmp_path / "base", method="bam", scale=[0.5, 2.0], lr=0.0025, schedule="poly")
+    path = train_base_learner(load_config(None, values), Process())
+    assert path.exists() and path.name == "pspnet.pth"
+    stage2 = tiny(mini_root, tmp_path / "bam", method="bam", base_learner=str(path), max_iterations=1)
+    assert run_train(load_config(None, stage2), Process())["iterations"] == 1
 
 
 def test_resume_continues_from_the_last_checkpoint(mini_root, tmp_path):

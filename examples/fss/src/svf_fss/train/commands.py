@@ -46,6 +46,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from .engine import train_base_learner
+
+    config = _config(args)
+    process = setup_process(config.device)
+    try:
+        train_base_learner(config, process)
+    finally:
+        cleanup_process(process)
+    return 0
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     from .engine import test
 
@@ -113,6 +125,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.add_argument("--test", action="store_true", help="also test the best checkpoint when training ends")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-base", help="BAM stage 1: train the PSPNet base learner of one fold")
+    _add_common(p)
+    p.set_defaults(func=cmd_train_base)
 
     p = sub.add_parser("test", help="test a trained run on the test episodes (every test seed)")
     _add_common(p)

@@ -56,6 +56,7 @@ class RunConfig:
     sync_bn: bool = True  # multi-GPU: SyncBatchNorm conversion (norm layers stay frozen where they were)
     # data
     crop: int | None = None  # default: the dataset's (473 Pascal, 641 COCO)
+    scale: list[float] | None = None  # RandScale range; default: the dataset's ([0.9, 1.1] Pascal, [0.8, 1.25] COCO)
     test_size: int | None = None
     workers: int = 4
     # evaluation
@@ -87,6 +88,7 @@ class RunConfig:
             (self.val_every >= 1, "val_every must be >= 1"),
             (self.max_iterations is None or self.max_iterations >= 1, "max_iterations must be >= 1"),
             (bool(self.test_seeds), "test_seeds must list at least one seed"),
+            (self.scale is None or (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1]), "scale: [lo, hi]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -73,8 +73,8 @@ def write_configs(out: Path) -> list[Path]:
             for method, frozen_lr in FROZEN_LR.items():
                 common = {"base": "../../base/" + f"{dataset}.toml", "method": method, "backbone": backbone}
                 common["backbone_weights"] = weights
-                if method == "bam":
-                    common["base_learner"] = f"weights/bam/{dataset}/{backbone}/fold{{fold}}/pspnet.pth"
+                if method == "bam":  # trained by `svf-fss train-base configs/.../bam-base.toml --fold F`
+                    common["base_learner"] = f"runs/{dataset}/{backbone}/bam-base/fold{{fold}}/pspnet.pth"
                 frozen = {
                     "description": f"{method}† frozen backbone ({dataset}, {backbone})",
                     **common,
@@ -89,6 +89,22 @@ def write_configs(out: Path) -> list[Path]:
                     "schedule": "cosine",
                     "lr": 0.015,
                 }
+                if method == "bam":
+                    stage1 = {
+                        "description": f"BAM stage 1: PSPNet base learner ({dataset}, {backbone})",
+                        "base": common["base"],
+                        "method": "bam",
+                        "backbone": backbone,
+                        "backbone_weights": weights,
+                        "epochs": 100 if dataset == "pascal" else 20,
+                        "crop": 417,
+                        "scale": [0.5, 2.0],
+                        "batch_size": 12,
+                        "lr": 0.0025,
+                        "schedule": "poly",
+                        "output": f"runs/{dataset}/{backbone}/bam-base/fold{{fold}}",
+                    }
+                    paths.append(_write(out / dataset / backbone / "bam-base.toml", stage1))
                 paths.append(_write(out / dataset / backbone / f"{method}.toml", frozen))
                 paths.append(_write(out / dataset / backbone / f"{method}-svf.toml", svf))
     for name, values in ABLATIONS.items():

@@ -20,8 +20,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 import svftune
 
-from ..data import FSSDataset, FSSMeter, collate_episodes, to_original_size
-from ..models import build_model
+from ..data import FSSDataset, FSSMeter, TrainTransform, collate_episodes, get_spec, to_original_size
+from ..models import build_model, build_pspnet
 from .config import RunConfig, dump_config
 from .runtime import (
     Process,
@@ -47,12 +47,17 @@ BEST_FILE = "best.pt"
 def build_datasets(config: RunConfig, test_seed: int | None = None) -> tuple[FSSDataset | None, FSSDataset]:
     """The training episodes (base classes) and the validation/test episodes (novel classes)."""
     common = {"root": config.data_root, "fold": config.fold, "shots": config.shots, "dataset": config.dataset}
+    transform = None
+    if config.scale is not None:
+        spec = get_spec(config.dataset)
+        transform = TrainTransform(config.crop or spec.train_size, tuple(config.scale))
     train = FSSDataset(
         split="train",
         seed=config.seed,
         trick=config.trick,
         size=config.crop,
         base_labels=config.method == "bam",
+        transform=transform,
         **common,
     )
     episodes = config.val_episodes if test_seed is None else config.test_episodes
@@ -414,3 +419,63 @@ def iterate_folds(config: RunConfig, folds: list[int]) -> Iterator[RunConfig]:
         values = config.to_dict()
         values["fold"] = fold
         yield RunConfig(**values)
+
+
+def train_base_learner(config: RunConfig, process: Process) -> Path:
+    """BAM stage 1: train the PSPNet base learner on the fold's base classes; returns the ``pspnet.pth`` path.
+
+    Every training episode's query image and its base-class map (base class ``base[i]`` -> ``i + 1``) form one
+    sample; the whole network trains (BatchNorm included), with the config's schedule (BAM: poly 0.9).
+    """
+    out = config.output_dir()
+    if process.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(config, out / "config.json")
+        atomic_write_text(json.dumps(provenance(config.seed), indent=2) + "\n", out / "provenance.json")
+    seed_everything(config.seed + process.rank)
+    train_set, _ = build_datasets(load_config_like(config, method="bam", shots=1))
+    model = build_pspnet(config.backbone, "coco" if config.dataset == "coco" else "pascal")
+    if config.backbone_weights:
+        from ..models import load_backbone_weights
+
+        load_backbone_weights(model.backbone, config.backbone_weights)
+    model = model.to(process.device)
+    optimizer = build_optimizer(model, config)
+    net = model
+    if process.distributed:
+        device_ids = [process.device.index] if process.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids)
+    per_epoch = max(len(train_set) // config.batch_size, 1)
+    total = per_epoch * config.epochs if config.max_iterations is None else config.max_iterations
+    iteration = 0
+    for epoch in range(math.ceil(total / per_epoch)):
+        net.train()
+        bar = _progress(_loader(train_set, config, process, epoch), f"base learner epoch {epoch + 1}", process, config)
+        for batch in bar:
+            if iteration >= total:
+                break
+            factor = lr_factor(config.schedule, iteration, total, config.poly_power)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * group["lr_scale"] * factor
+            batch = _batch_to(batch, process.device)
+            with _autocast(config, process.device):
+                loss = net(batch["query"], batch["query_base"])["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{config.lr * factor:.2e}")
+    path = out / "pspnet.pth"
+    if process.is_main:
+        atomic_torch_save(model.state_dict(), path)
+        print(f"base learner written to {path} ({iteration} iterations)")
+    if process.distributed:
+        dist.barrier()
+    return path
+
+
+def load_config_like(config: RunConfig, **changes: Any) -> RunConfig:
+    values = config.to_dict()
+    values.update(changes)
+    return RunConfig(**values)
