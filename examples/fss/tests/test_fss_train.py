@@ -196,3 +196,16 @@ def test_torchrun_two_processes(mini_root, tmp_path):
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["iterations"] == 2
     assert json.loads((tmp_path / "ddp" / "provenance.json").read_text())["world_size"] == 2
+
+
+def test_mini_benchmark_quick(mini_root, tmp_path):
+    from svf_fss.train.mini_benchmark import run_mini_benchmark
+
+    records = run_mini_benchmark(tmp_path, data_root=str(mini_root), strategies=["frozen", "svf"], quick=True)
+    assert [r["strategy"] for r in records] == ["frozen", "svf"]
+    assert records[1]["trainable"] > records[0]["trainable"], "SVF trains the head plus singular values"
+    assert all(r["iterations"] == 3 and 0 <= r["miou"] <= 1 for r in records)
+    assert json.loads((tmp_path / "results.json").read_text()) == records
+    assert "| svf |" in (tmp_path / "results.md").read_text()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "results.png").stat().st_size > 1000

@@ -380,7 +380,8 @@ def train(config: RunConfig, process: Process) -> dict[str, Any]:
                 dist.barrier()
     finally:
         log.close()
-    summary = {"best": best, "last": last_eval, "iterations": iteration, "output": str(out)}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary = {"best": best, "last": last_eval, "iterations": iteration, "trainable": trainable, "output": str(out)}
     if process.is_main:
         atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "train_summary.json")
     return summary
