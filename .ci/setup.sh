@@ -15,4 +15,4 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 fi
-.venv/bin/python -m pip install -q -e 'examples/fss[mini,train]'
+.venv/bin/python -m pip install -q -e 'examples/fss[mini,train,coco]'
