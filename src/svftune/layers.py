@@ -196,9 +196,10 @@ class SVFLayer(nn.Module):
         if base.bias is not None:
             base.bias.requires_grad_(False)
         self.register_parameter("bias", base.bias)
-        self.U = nn.Parameter(u.to(weight.dtype), requires_grad="U" in self.train_factors)
+        # contiguous: LAPACK's column-major strides would survive .to() and cost a copy in every forward
+        self.U = nn.Parameter(u.to(weight.dtype).contiguous(), requires_grad="U" in self.train_factors)
         self.S = nn.Parameter(s.to(value_dtype), requires_grad="S" in self.train_factors)
-        self.Vh = nn.Parameter(vh.to(weight.dtype), requires_grad="V" in self.train_factors)
+        self.Vh = nn.Parameter(vh.to(weight.dtype).contiguous(), requires_grad="V" in self.train_factors)
         self.register_buffer("S0", self.S.detach().clone())
         if "U" in self.train_factors or "V" in self.train_factors:
             # Training U or V changes the basis, so W + U diag(S - S0) Vh no longer applies: keep the
