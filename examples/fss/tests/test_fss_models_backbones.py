@@ -23,13 +23,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """LAPACK's SVD and small convs crawl when two OpenMP threads fight other processes for two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from svf_fss.models.common import ASPP, gram_distance, masked_average_pooling, p
 from svf_fss.models.pfenet import bin_size
 from svf_fss.models.weights import BackboneWeightsError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_masked_average_pooling():

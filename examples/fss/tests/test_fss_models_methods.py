@@ -19,13 +19,7 @@ BINS = (1.0, 0.5, 0.25, 0.125)  # relative FEM bins: PFENet's absolute 60x60 bin
 SVF_STAGES = ("layer2", "layer3", "layer4")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """LAPACK's SVD and small convs crawl when two OpenMP threads fight other processes for two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ FACTORS = {"svf": "S", "svf+bn": "S", "svf-u": "U", "svf-v": "V", "svf-us": "US"
 FACTOR_NAMES = {"U": "U", "S": "S", "V": "Vh"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -252,6 +252,36 @@ class _Log:
             self.writer.close()
 
 
+def _set_lr(optimizer: torch.optim.Optimizer, config: RunConfig, iteration: int, total: int) -> float:
+    """Per-iteration schedule: every group at ``lr * lr_scale * factor``; returns the factor."""
+    factor = lr_factor(config.schedule, iteration, total, config.poly_power)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * group["lr_scale"] * factor
+    return factor
+
+
+def _step(compute_loss, model: nn.Module, optimizer, scaler, config: RunConfig) -> torch.Tensor:
+    """One optimisation step (autocast, optional gradient scaler and clipping); returns the detached loss."""
+    with _autocast(config, next(model.parameters()).device):
+        loss = compute_loss()
+    if not torch.isfinite(loss):  # before any update: the last checkpoint stays a good one
+        raise FloatingPointError(f"training loss is {loss.item()}: lower the lr, or use amp=bf16 instead of fp16")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss.detach()
+
+
 def _loader(dataset: FSSDataset, config: RunConfig, process: Process, epoch: int) -> DataLoader:
     dataset.set_epoch(epoch)
     per_process = max(config.batch_size // process.world_size, 1)
@@ -324,27 +354,11 @@ def train(config: RunConfig, process: Process) -> dict[str, Any]:
             for batch in bar:
                 if iteration >= total:
                     break
-                factor = lr_factor(config.schedule, iteration, total, config.poly_power)
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * group["lr_scale"] * factor
                 batch = _batch_to(batch, process.device)
-                with _autocast(config, process.device):
-                    loss = _forward_train(net, batch, base_channel)["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}: lower lr or use amp")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                factor = _set_lr(optimizer, config, iteration, total)
+                loss = _step(
+                    lambda b=batch: _forward_train(net, b, base_channel)["loss"], model, optimizer, scaler, config
+                )
                 iteration += 1
                 running += loss.item()
                 seen += 1
@@ -455,15 +469,9 @@ def train_base_learner(config: RunConfig, process: Process) -> Path:
         for batch in bar:
             if iteration >= total:
                 break
-            factor = lr_factor(config.schedule, iteration, total, config.poly_power)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * group["lr_scale"] * factor
             batch = _batch_to(batch, process.device)
-            with _autocast(config, process.device):
-                loss = net(batch["query"], batch["query_base"])["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            factor = _set_lr(optimizer, config, iteration, total)
+            loss = _step(lambda b=batch: net(b["query"], b["query_base"])["loss"], model, optimizer, None, config)
             iteration += 1
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{config.lr * factor:.2e}")

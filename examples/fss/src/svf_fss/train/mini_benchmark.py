@@ -110,12 +110,14 @@ def _plot(records: list[dict[str, Any]], path: Path) -> Path | None:
     names = [r["strategy"] for r in records]
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [100 * r["miou"] for r in records], width=0.4, label="mIoU")
-    ax.bar([x + 0.2 for x in xs], [100 * r["fb_iou"] for r in records], width=0.4, label="FB-IoU")
+    for offset, key, label in ((-0.2, "miou", "mIoU"), (0.2, "fb_iou", "FB-IoU")):
+        bars = ax.bar([x + offset for x in xs], [100 * r[key] for r in records], width=0.4, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("%")
-    ax.set_title("mini benchmark: fold 0, 1-shot, MobileNetV2 (ImageNet)")
-    ax.legend()
+    ax.set_ylim(0, 100)
+    ax.set_title("mini benchmark: fold 0, 1-shot, ImageNet MobileNetV2", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8, ncols=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
