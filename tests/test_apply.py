@@ -356,3 +356,15 @@ def test_quickstart_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "trainable params: 33,034" in result.stdout
     assert "merged vs unmerged output: relative difference" in result.stdout
+
+
+def test_decompose_hook_replaces_the_svd():
+    calls = []
+
+    def recording_svd(matrices):
+        calls.append(tuple(matrices.shape))
+        return svftune.thin_svd(matrices)
+
+    model = svftune.apply_svf(make_net(), ["layer1"], decompose=recording_svd)
+    assert calls == [(1, 8, 72), (1, 8, 8)]
+    assert adapted_names(model) == ["layer1.conv1", "layer1.conv2"]

@@ -11,17 +11,14 @@ An entry that fails is discarded with a warning and recomputed.
     svftune.load_svf(model, "ckpt", cache_dir="~/.cache/svftune")   # first load: SVDs, stored
     svftune.load_svf(model2, "ckpt", cache_dir="~/.cache/svftune")  # same base, new process: read back
 
-Until the core offers a way to hand precomputed factors to the SVF layers, the cache is plugged in by swapping
-the decomposition function the layers call (:func:`decompose_with`) for the duration of one apply.
+The cache plugs in through ``apply_svf(..., decompose=cache.provider(...))``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
@@ -34,7 +31,6 @@ CACHE_VERSION = 1
 #: Largest relative error of the checks above that a cached entry may show (float32 factors reach ~1e-6).
 CHECK_TOLERANCE = 1e-5
 Factors = tuple[Tensor, Tensor, Tensor]
-_PATCH_LOCK = threading.RLock()
 
 
 class DecompositionCache:
@@ -148,17 +144,3 @@ def svd_problem(matrices: Tensor, u: Tensor, s: Tensor, vh: Tensor) -> str | Non
     if not worst <= CHECK_TOLERANCE:  # also catches NaN
         return f"it is not an SVD of the weight (relative error {worst:.2g})"
     return None
-
-
-@contextmanager
-def decompose_with(function: Callable[[Tensor], Factors]) -> Iterator[None]:
-    """Make the SVF layers built inside the block decompose with ``function`` instead of ``thin_svd``."""
-    from . import layers
-
-    with _PATCH_LOCK:
-        original = layers.thin_svd
-        layers.thin_svd = function
-        try:
-            yield
-        finally:
-            layers.thin_svd = original

@@ -829,13 +829,12 @@ def _apply_for_checkpoint(model: nn.Module, checkpoint: SVFCheckpoint, plan: Loa
     if cache_dir is None:
         apply_svf(model, **kwargs)
     else:
-        from .cache import DecompositionCache, decompose_with
+        from .cache import DecompositionCache
 
         cache = DecompositionCache(cache_dir)
         weights = {modules[name].weight.data_ptr(): plan.hashes[name] for name in plan.loadable}
         full = "U" in config["train"] or "V" in config["train"]
-        with decompose_with(cache.provider(weights, float64=full)):
-            apply_svf(model, **kwargs)
+        apply_svf(model, **kwargs, decompose=cache.provider(weights, float64=full))
     for name, layer in svf_layers(model):  # an SVF layer starts in training mode; keep the replaced layer's mode
         if name in modes:
             layer.train(modes[name])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -155,13 +156,22 @@ class SVFLayer(nn.Module):
     base_type: ClassVar[type[nn.Module]]
     spatial_dims: ClassVar[int]  # 0 for Linear
 
-    def __init__(self, base: nn.Module, *, train: str = "S", form: str = "auto") -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        train: str = "S",
+        form: str = "auto",
+        decompose: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
+    ) -> None:
         """Decompose ``base`` and take over its tensors (its weight and bias become frozen).
 
         Args:
             base: the layer to adapt; its ``weight``/``bias`` Parameters are reused, not copied.
             train: which factors train: ``"S"`` (default) or a combination of ``"U"``, ``"S"``, ``"V"``.
             form: training form, ``"auto"``, ``"three_op"`` or ``"rebuilt"`` (see the module docstring).
+            decompose: computes ``(U, S, Vh)`` of the ``(groups, out/groups, fan_in)`` weight matrices, as
+                :func:`svftune.thin_svd` (the default) does, e.g. from a decomposition cache.
         """
         super().__init__()
         if not isinstance(base, self.base_type):
@@ -189,7 +199,7 @@ class SVFLayer(nn.Module):
         self.__dict__["_cache"] = None
 
         matrices = weight.detach().reshape(self.groups, weight.shape[0] // self.groups, -1)
-        u, s, vh = thin_svd(matrices)
+        u, s, vh = (decompose or thin_svd)(matrices)
         value_dtype = torch.float32 if weight.dtype in _HALF else weight.dtype  # S stays exact to train
         weight.requires_grad_(False)
         self.base_weight = weight  # the original Parameter object, frozen: unapply hands it back untouched
@@ -211,9 +221,9 @@ class SVFLayer(nn.Module):
         self.train(base.training)  # start in the replaced layer's mode (unapply hands that mode back)
 
     @classmethod
-    def from_module(cls, base: nn.Module, *, train: str = "S", form: str = "auto") -> SVFLayer:
+    def from_module(cls, base: nn.Module, **kwargs: Any) -> SVFLayer:
         """Build from an existing layer (same as calling the class)."""
-        return cls(base, train=train, form=form)
+        return cls(base, **kwargs)
 
     # ----------------------------------------------------------------------------------------- weights
     @property

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from .layers import SVFLayer, normalize_form, normalize_train, svf_layer_from
 from .matching import LayerSelector, select_layers
@@ -90,6 +90,7 @@ def apply_svf(
     form: str = "auto",
     freeze_others: bool = True,
     progress: bool | None = None,
+    decompose: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> nn.Module:
     """Replace the selected Conv/Linear layers by SVF layers whose singular values alone train.
 
@@ -107,6 +108,8 @@ def apply_svf(
         freeze_others: freeze every parameter that is not a trained SVF factor (default). ``False`` leaves
             the other parameters' ``requires_grad`` as they were.
         progress: show a progress bar while decomposing; ``None`` shows one for large models.
+        decompose: replaces :func:`svftune.thin_svd` for computing each layer's ``(U, S, Vh)``, e.g. a
+            decomposition cache (``load_svf(..., cache_dir=...)`` uses this).
 
     Returns:
         The adapted model (``model`` itself when ``inplace``). Its ``svf_config`` records what was done.
@@ -140,7 +143,7 @@ def apply_svf(
     if show and tqdm is not None:
         iterator = tqdm(selected, desc="SVF: decomposing", unit="layer")
     for name, module in iterator:
-        _set_submodule(model, name, svf_layer_from(module, train=train, form=form))
+        _set_submodule(model, name, svf_layer_from(module, train=train, form=form, decompose=decompose))
 
     if freeze_bn:
         freeze_batchnorm(model)
