@@ -74,6 +74,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             optimizer.step()
             losses.append(loss.item())
         torch.save({"S": _singular_values(model), "losses": losses}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (that aborted a CI run)
     finally:
         dist.destroy_process_group()
 

@@ -57,6 +57,7 @@ def setup_process(device: str = "auto") -> Process:
 
 def cleanup_process(process: Process) -> None:
     if process.distributed and dist.is_initialized():
+        dist.barrier()  # every rank done before gloo/NCCL is torn down
         dist.destroy_process_group()
 
 
