@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_config
-from .runtime import cleanup_process, setup_process
+from .runtime import running
 
 CONFIG_HELP = "a TOML file from examples/fss/configs/ (one per table row); omit for the defaults"
 SET_HELP = "override a config key, TOML syntax: --set fold=1 --set lr=0.01 --set 'test_seeds=[510, 365]'"
@@ -33,14 +33,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine import test, train
 
     config = _config(args)
-    process = setup_process(config.device)
-    try:
+    with running(config.device) as process:
         summary = train(config, process)
         if args.test:
-            record = test(config, process)
-            summary["test"] = record
-    finally:
-        cleanup_process(process)
+            summary["test"] = test(config, process)
     if process.is_main:
         print(json.dumps(summary, indent=2))
     return 0
@@ -50,11 +46,8 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     from .engine import train_base_learner
 
     config = _config(args)
-    process = setup_process(config.device)
-    try:
+    with running(config.device) as process:
         train_base_learner(config, process)
-    finally:
-        cleanup_process(process)
     return 0
 
 
@@ -62,11 +55,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     from .engine import test
 
     config = _config(args)
-    process = setup_process(config.device)
-    try:
+    with running(config.device) as process:
         record = test(config, process, which=args.checkpoint)
-    finally:
-        cleanup_process(process)
     if process.is_main:
         print(json.dumps(record, indent=2))
     return 0
@@ -79,14 +69,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     config = _config(args)
     folds = [int(f) for f in args.folds.split(",")]
-    process = setup_process(config.device)
-    try:
+    with running(config.device) as process:
         for fold_config in iterate_folds(config, folds):
             train(fold_config, process)
             for which in ("best", "last"):
                 test(fold_config, process, which=which)
-    finally:
-        cleanup_process(process)
     if process.is_main:
         root = Path(config.output.split("{")[0] or ".")
         for which in ("best", "last"):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,10 +57,24 @@ def setup_process(device: str = "auto") -> Process:
     return Process(rank, world_size, local_rank, torch_device)
 
 
-def cleanup_process(process: Process) -> None:
+def cleanup_process(process: Process, barrier: bool = True) -> None:
+    """Tear the process group down; ``barrier`` (after success) first waits for every rank to be done."""
     if process.distributed and dist.is_initialized():
-        dist.barrier()  # every rank done before gloo/NCCL is torn down
+        if barrier:
+            dist.barrier()  # no rank tears gloo/NCCL down while another still talks to it
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def running(device: str) -> Iterator[Process]:
+    """``setup_process`` ... ``cleanup_process``; after an error no barrier (the other ranks may never reach it)."""
+    process = setup_process(device)
+    try:
+        yield process
+    except BaseException:
+        cleanup_process(process, barrier=False)
+        raise
+    cleanup_process(process)
 
 
 def lr_factor(schedule: str, iteration: int, total: int, power: float = 0.9) -> float:
