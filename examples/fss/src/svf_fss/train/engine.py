@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -299,14 +300,20 @@ def _loader(dataset: FSSDataset, config: RunConfig, process: Process, epoch: int
     )
 
 
-def train(config: RunConfig, process: Process) -> dict[str, Any]:
-    """Train one run (resuming when its folder has a last checkpoint) and return its summary."""
+def _start_run(config: RunConfig, process: Process) -> Path:
+    """Create the run folder with its resolved config and provenance, and seed this process."""
     out = config.output_dir()
     if process.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(config, out / "config.json")
         atomic_write_text(json.dumps(provenance(config.seed), indent=2) + "\n", out / "provenance.json")
     seed_everything(config.seed + process.rank)
+    return out
+
+
+def train(config: RunConfig, process: Process) -> dict[str, Any]:
+    """Train one run (resuming when its folder has a last checkpoint) and return its summary."""
+    out = _start_run(config, process)
     train_set, val_set = build_datasets(config)
     model = build_run_model(config).to(process.device)
     if process.distributed and config.sync_bn and process.device.type == "cuda":
@@ -431,9 +438,7 @@ def test(config: RunConfig, process: Process, which: str | None = None) -> dict[
 
 def iterate_folds(config: RunConfig, folds: list[int]) -> Iterator[RunConfig]:
     for fold in folds:
-        values = config.to_dict()
-        values["fold"] = fold
-        yield RunConfig(**values)
+        yield dataclasses.replace(config, fold=fold)
 
 
 def train_base_learner(config: RunConfig, process: Process) -> Path:
@@ -442,13 +447,8 @@ def train_base_learner(config: RunConfig, process: Process) -> Path:
     Every training episode's query image and its base-class map (base class ``base[i]`` -> ``i + 1``) form one
     sample; the whole network trains (BatchNorm included), with the config's schedule (BAM: poly 0.9).
     """
-    out = config.output_dir()
-    if process.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(config, out / "config.json")
-        atomic_write_text(json.dumps(provenance(config.seed), indent=2) + "\n", out / "provenance.json")
-    seed_everything(config.seed + process.rank)
-    train_set, _ = build_datasets(load_config_like(config, method="bam", shots=1))
+    out = _start_run(config, process)
+    train_set, _ = build_datasets(dataclasses.replace(config, method="bam", shots=1))
     model = build_pspnet(config.backbone, "coco" if config.dataset == "coco" else "pascal")
     if config.backbone_weights:
         from ..models import load_backbone_weights
@@ -482,9 +482,3 @@ def train_base_learner(config: RunConfig, process: Process) -> Path:
     if process.distributed:
         dist.barrier()
     return path
-
-
-def load_config_like(config: RunConfig, **changes: Any) -> RunConfig:
-    values = config.to_dict()
-    values.update(changes)
-    return RunConfig(**values)
