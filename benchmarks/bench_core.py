@@ -12,9 +12,10 @@ Sections (``--sections``, default all):
 7. ``layers`` Per-layer forward+backward of three_op vs rebuilt vs direct for every ResNet-50 layer shape.
 
 A training step is forward, ``loss = logits.square().mean()``, backward, ``SGD(lr=1e-4, momentum=0.9).step()``
-(left out with ``--no-optimizer``) and ``zero_grad(set_to_none=True)``. The variants are ``auto``, ``three_op``
-and ``rebuilt`` (the model is decomposed once with ``apply_svf``; the forced forms are copies with ``form`` set
-on every SVF layer, which is all ``apply_svf(..., form=...)`` does differently) and ``direct`` (the plain model
+(left out with ``--no-optimizer``) and ``zero_grad(set_to_none=True)``. The variants are ``auto``,
+``three_op``, ``rebuilt`` and ``lean`` (the model is decomposed once with ``apply_svf``; the forced forms are
+copies with ``form`` set on every SVF layer, which is all ``apply_svf(..., form=...)`` does differently) and
+``direct`` (the plain model
 with the same weights trainable, everything else frozen, BatchNorm frozen with ``svftune.freeze_batchnorm``).
 Variants live side by side in one process and are interleaved (the order rotates every repeat) after warm-up;
 the tables report medians and minima.
@@ -55,7 +56,7 @@ from svftune.decompose import thin_svd
 from svftune.matching import select_layers
 
 RESNET_LAYERS = ["layer2", "layer3", "layer4"]
-VARIANTS = ("auto", "three_op", "rebuilt", "direct")
+VARIANTS = ("auto", "three_op", "rebuilt", "lean", "direct")
 SECTIONS = ("r224", "r473", "vit", "memory", "eval", "apply", "layers")
 # name -> (image size, batch, output stride 8)
 RESNET_SETTINGS = {"r224": (224, 4, False), "r473": (473, 1, True)}
@@ -276,6 +277,8 @@ def training_targets(name: str, result: dict) -> list[list[str]]:
         rows.append([name, "auto <= 0.9x direct", f"{ratio:.3f}x (min {ratio_min:.3f}x)", verdict(ratio, 0.9)])
         ratio, ratio_min = med["auto"] / med["three_op"], low["auto"] / low["three_op"]
         rows.append([name, "auto <= 1.0x three_op", f"{ratio:.3f}x (min {ratio_min:.3f}x)", verdict(ratio, 1.0)])
+        ratio, ratio_min = med["lean"] / med["direct"], low["lean"] / low["direct"]
+        rows.append([name, "lean vs direct (info)", f"{ratio:.3f}x (min {ratio_min:.3f}x)", "-"])
     return rows
 
 
@@ -377,7 +380,7 @@ def memory_table(results: dict) -> tuple[str, list[list[str]]]:
                     f"{r['step1_peak_mib'] / direct:.2f}x",
                 ]
             )
-        for variant in ("auto", "three_op", "rebuilt"):
+        for variant in ("auto", "three_op", "rebuilt", "lean"):
             ratio = per[variant]["step1_peak_mib"] / direct
             targets.append(
                 [f"memory {section}", f"{variant} step peak <= direct", f"{ratio:.3f}x", verdict(ratio, 1.0)]

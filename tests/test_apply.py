@@ -230,7 +230,7 @@ def test_half_precision_models(dtype):
     assert layer.U.dtype == dtype and layer.base_weight.dtype == dtype
     assert torch.equal(model.eval()(x), expected)
     model.train()
-    for form in ("three_op", "rebuilt"):
+    for form in ("three_op", "rebuilt", "lean"):
         layer.form = form
         layer.S.grad = None
         out = model(x)
@@ -241,20 +241,80 @@ def test_half_precision_models(dtype):
     assert merged[0].weight.dtype == dtype
 
 
-def test_autocast_training_step():
+@pytest.mark.parametrize("form", ["three_op", "lean"])
+def test_autocast_training_step(form):
     model, x = build_toy("conv2d_3x3")
-    svftune.apply_svf(model, form="three_op")
+    svftune.apply_svf(model, form=form)
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    out.float().square().mean().backward()
+    out.float().square().mean().backward()  # outside autocast: the lean form replays the forward's state
     assert model[0].S.grad.dtype == torch.float32 and model[0].S.grad.abs().sum() > 0
 
 
-# ------------------------------------------------------------------------------------------- torch.compile
-def test_torch_compile_training_matches_eager():
-    model, x = build_toy("conv2d_3x3")
+# ------------------------------------------------------------------------------------------- lean form
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("name", ["conv2d_3x3", "conv2d_grouped", "conv1d", "mlp", "conv2d_reflect"])
+def test_lean_form_equals_three_op_bit_for_bit(name, autocast):
+    """Recomputing the Vh projection in the backward gives exactly the three-op form's outputs and gradients."""
+    model, x = build_toy(name)
     svftune.apply_svf(model, form="three_op")
+    perturb_singular_values(model)
+    results = {}
+    for form in ("three_op", "lean"):
+        for _, layer in svftune.svf_layers(model):
+            layer.form = form
+            layer.S.grad = None
+        x_in = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model.train()(x_in)
+        out.float().square().mean().backward()
+        results[form] = (out, x_in.grad, [layer.S.grad.clone() for _, layer in svftune.svf_layers(model)])
+    (out3, gx3, gs3), (outl, gxl, gsl) = results["three_op"], results["lean"]
+    assert torch.equal(out3, outl) and torch.equal(gx3, gxl)
+    assert all(torch.equal(a, b) for a, b in zip(gs3, gsl, strict=True))
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd saves during a forward, parameters and buffers not counted."""
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x).sum().backward()
+    return sum(storages.values())
+
+
+def test_lean_form_saves_no_more_than_direct_fine_tuning():
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+    )  # fmt: skip
+    x = torch.randn(2, 8, 24, 24)
+    direct = copy.deepcopy(plain).train()
+    svftune.freeze_batchnorm(direct)
+    saved = {"direct": saved_activation_bytes(direct, x)}
+    for form in ("three_op", "lean"):
+        saved[form] = saved_activation_bytes(svftune.apply_svf(copy.deepcopy(plain), form=form).train(), x)
+    z_bytes = 4 * 2 * 24 * 24 * (32 + 32 + 32)  # one R-channel map per layer (R = 32, 32, min(64, 32))
+    x_bytes = 4 * x.numel()  # direct keeps the network input for the first weight gradient; three-op does not
+    assert saved["three_op"] == saved["direct"] - x_bytes + z_bytes
+    assert saved["lean"] <= saved["direct"]
+
+
+# ------------------------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("form", ["three_op", "lean"])
+def test_torch_compile_training_matches_eager(form):
+    model, x = build_toy("conv2d_3x3")
+    svftune.apply_svf(model, form=form)
     perturb_singular_values(model)
     eager = copy.deepcopy(model).train()
     eager(x).square().mean().backward()

@@ -12,6 +12,9 @@ Training can run one of two forms that compute the same function (see ``docs/con
   no weight gradient: ``dS`` is ``U^T dY`` times the ``Vh``-conv output saved in the forward.
 - ``"rebuilt"``: one conv with the rebuilt weight. Cheaper forward, but the backward needs a full weight
   gradient.
+- ``"lean"``: the three-op form, but ``z`` is not saved: the backward recomputes it from the layer input (kept
+  alive by the layer before anyway). One more ``Vh`` conv per step; no activation memory of its own, so a
+  step's peak memory stays at or below that of fine-tuning the same weights directly. Never chosen by "auto".
 
 ``form="auto"`` picks per training call from the multiply-add counts of the actual input. Eval-mode forwards use
 the rebuilt weight (exactly ``W`` while ``S == S0``); forwards that need no gradient for the layer use one conv
@@ -32,11 +35,21 @@ from torch.nn.utils import parametrize
 
 from .decompose import thin_svd
 
-FORMS = ("auto", "three_op", "rebuilt")
+FORMS = ("auto", "three_op", "rebuilt", "lean")
 FACTORS = "USV"
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    """The autocast settings in force for ``device_type``, to replay them when recomputing in a backward."""
+    try:
+        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cpu":
+            return device_type, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return device_type, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
 def normalize_train(train: str) -> str:
@@ -57,27 +70,34 @@ def normalize_form(form: str) -> str:
 
 
 class _ScaleProject(torch.autograd.Function):
-    """``y = U diag(S) z + bias`` along the channel dimension, saving only ``z`` for the backward.
+    """``y = U diag(S) z + bias`` along the channel dimension, with ``z = project(x)`` the ``Vh`` projection.
 
-    ``z`` is the output of the ``Vh`` projection. Autograd's own ``mul`` + ``conv`` pair would also save
-    ``S * z``; this keeps one map of ``R`` channels per layer and never computes a weight gradient.
+    Autograd's own ``mul`` + ``conv`` pair would also save ``S * z``; this never computes a weight gradient and
+    keeps at most one map of ``R`` channels per layer. With ``project=None`` (the three-op form) the input
+    already is ``z`` and is saved. With a ``project`` callable (the lean form) only ``x`` is saved, which the
+    layer before keeps alive anyway, and ``project`` runs again in the backward (under the forward's autocast
+    state): one more ``Vh`` conv per step instead of an ``R``-channel activation map per layer.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, s: Tensor, u: Tensor, bias: Tensor | None, nd: int) -> Tensor:
+    def forward(ctx, x: Tensor, s: Tensor, u: Tensor, bias: Tensor | None, nd: int, project) -> Tensor:
+        recompute = project is not None
+        z = project(x) if recompute else x
         groups, out_per_group, rank = u.shape
         scaled = u * s.to(u.dtype).unsqueeze(1)
         if nd == 0:
             y = F.linear(z, scaled[0], bias)
         else:
             y = _CONV[nd](z, scaled.reshape(groups * out_per_group, rank, *(1,) * nd), bias, groups=groups)
-        ctx.save_for_backward(z, s, u)
-        ctx.nd = nd
+        ctx.save_for_backward(x if recompute else z, s, u)
+        ctx.nd, ctx.project = nd, project
+        if recompute:
+            ctx.autocast = _autocast_state(x.device.type)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        z, s, u = ctx.saved_tensors
+        saved, s, u = ctx.saved_tensors
         nd = ctx.nd
         groups, out_per_group, rank = u.shape
         u = u.to(grad_y.dtype)
@@ -89,16 +109,27 @@ class _ScaleProject(torch.autograd.Function):
             grad_t = _CONV_T[nd](grad_y, u.reshape(groups * out_per_group, rank, *(1,) * nd), groups=groups)
             sum_dims = (0, *range(2, 2 + nd))
             s_view = s.reshape(1, groups * rank, *(1,) * nd)
-        grad_z = grad_s = grad_bias = None
+        x_needs_grad = ctx.needs_input_grad[0]
+        recompute = ctx.project is not None
+        if recompute:
+            device_type, enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                x = saved.detach().requires_grad_(x_needs_grad)
+                z = ctx.project(x)
+        else:
+            z = saved
+        grad_x = grad_s = grad_bias = None
         if ctx.needs_input_grad[1]:
             accumulate = torch.promote_types(grad_t.dtype, torch.float32)  # half products, fp32 sums
-            grad_s = torch.sum(grad_t * z.to(grad_t.dtype), sum_dims, dtype=accumulate)
+            grad_s = torch.sum(grad_t * z.detach().to(grad_t.dtype), sum_dims, dtype=accumulate)
             grad_s = grad_s.reshape(s.shape).to(s.dtype)
-        if ctx.needs_input_grad[0]:
+        if x_needs_grad:
             grad_z = grad_t * s_view.to(grad_t.dtype)
+            # three-op: the Vh projection's own backward runs outside (autograd); lean: run it here
+            grad_x = torch.autograd.grad(z, x, grad_z)[0] if recompute else grad_z
         if ctx.needs_input_grad[3]:
             grad_bias = grad_y.sum(sum_dims)
-        return grad_z, grad_s, None, grad_bias, None
+        return grad_x, grad_s, None, grad_bias, None, None
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -295,7 +326,7 @@ class SVFLayer(nn.Module):
         if self.residual is not None or self.base_weight.requires_grad:
             return False  # U, V or W train: only the rebuilt form carries their gradients
         if self.form != "auto":
-            return self.form == "three_op"
+            return self.form in ("three_op", "lean")
         groups, out_per_group, rank = self.U.shape
         fan_in = self.Vh.shape[-1]
         positions = self._output_positions(x)
@@ -313,13 +344,18 @@ class SVFLayer(nn.Module):
         if not self._weight_needs_grad():
             return self._apply_weight(x, self._cached_weight())
         if self.training and self.uses_three_op(x):  # eval + grad: rebuilt, exact while S == S0
-            groups, _, rank = self.U.shape
-            z = self._apply_weight(x, self.Vh.reshape(groups * rank, *self.base_weight.shape[1:]), bias=False)
-            return _ScaleProject.apply(z, self.S, self.U, self.bias, self.spatial_dims)
+            if self.form == "lean":
+                return _ScaleProject.apply(x, self.S, self.U, self.bias, self.spatial_dims, self._project)
+            return _ScaleProject.apply(self._project(x), self.S, self.U, self.bias, self.spatial_dims, None)
         return self._apply_weight(x, self.effective_weight().to(self.base_weight.dtype))
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: bool = True) -> Tensor:
         raise NotImplementedError
+
+    def _project(self, x: Tensor) -> Tensor:
+        """The first of the three ops: ``x`` through ``Vh`` (a conv with ``R`` output channels per group)."""
+        groups, _, rank = self.U.shape
+        return self._apply_weight(x, self.Vh.reshape(groups * rank, *self.base_weight.shape[1:]), bias=False)
 
     # ----------------------------------------------------------------------------------------- plain
     def to_plain(self, merge: bool = True) -> nn.Module:
