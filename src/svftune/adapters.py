@@ -40,7 +40,16 @@ Run = tuple[int, int, int, Tensor, Tensor]  # (group, start, stop, U columns, Vh
 
 @dataclass
 class Adapter:
-    """One adapter's values, on the layers' devices and dtypes."""
+    """One adapter's values, on the layers' devices and dtypes.
+
+    Attributes:
+        name: the adapter's name.
+        deltas: per layer, the ``(groups, rank)`` change of its singular values, ``S - S0``.
+        bases: per layer, the tied runs ``(group, start, stop, U columns, Vh rows)`` it writes into the layer.
+        factors: per layer that trained ``U`` or ``V``, its whole ``(U, Vh)``.
+        extra: other trained parameters by name.
+        source: where it came from (a checkpoint path, or a description of a mix).
+    """
 
     name: str
     deltas: dict[str, Tensor]  # layer -> (groups, rank) S - S0
@@ -52,7 +61,16 @@ class Adapter:
 
 @dataclass
 class AdapterSet:
-    """The adapters of one model (``model.svf_adapters``) and what the plain base had where they write."""
+    """The adapters of one model (``model.svf_adapters``) and what the plain base had where they write.
+
+    Attributes:
+        adapters: the adapters by name, in loading order.
+        active: the name of the adapter whose values are in the layers, or ``None`` for the plain base.
+        base_columns: the base's own ``(U columns, Vh rows)`` of every tied run an adapter overwrote, keyed by
+            ``(layer, group, start, stop)``.
+        base_factors: the base's own ``(U, Vh)`` of layers whose factors an adapter replaced.
+        base_extra: the base's own values of the extra parameters that adapters set.
+    """
 
     adapters: dict[str, Adapter] = field(default_factory=dict)
     active: str | None = None
@@ -90,7 +108,20 @@ def _require(model: nn.Module, *names: str) -> AdapterSet:
 
 
 def adapter_from_checkpoint(model: nn.Module, checkpoint: SVFCheckpoint, plan: LoadPlan, name: str) -> Adapter:
-    """The checkpoint's values for the layers in ``plan``, moved to those layers' devices and dtypes."""
+    """Build an adapter from the checkpoint's values for the layers in ``plan``.
+
+    Args:
+        model: the model with SVF applied to (at least) the layers in ``plan.loadable``.
+        checkpoint: the checkpoint to take the values from.
+        plan: what ``svftune.checkpoint.check_model`` found loadable.
+        name: the adapter's name.
+
+    Returns:
+        The adapter, its tensors moved to the layers' devices and dtypes.
+
+    Raises:
+        SVFCheckpointError: ``name`` is not a non-empty string.
+    """
     if not isinstance(name, str) or not name:
         raise _error(f"adapter_name must be a non-empty string, got {name!r}")
     layers = dict(svf_layers(model))
@@ -115,7 +146,14 @@ def adapter_from_checkpoint(model: nn.Module, checkpoint: SVFCheckpoint, plan: L
 
 
 def register_adapter(model: nn.Module, adapter: Adapter, *, activate: bool = True) -> None:
-    """Add ``adapter`` to the model (replacing one of the same name) and, by default, make it active."""
+    """Add ``adapter`` to the model (replacing one of the same name) and, by default, make it active.
+
+    Args:
+        model: a model with SVF applied.
+        adapter: the adapter to add.
+        activate: write its values into the layers now. An adapter that replaces the active one is always
+            activated.
+    """
     adapters = _adapter_set(model, create=True)
     if adapters.active is not None and adapters.active != adapter.name:
         _sync(model, adapters)
@@ -128,26 +166,106 @@ def register_adapter(model: nn.Module, adapter: Adapter, *, activate: bool = Tru
 
 
 def list_adapters(model: nn.Module) -> list[str]:
-    """Names of the loaded adapters, in loading order."""
+    """Names of the adapters loaded onto ``model``, in loading order.
+
+    Args:
+        model: any model.
+
+    Returns:
+        The names (empty when no adapter was loaded, or after ``merge_svf`` / ``unapply_svf``).
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> def base():
+        ...     torch.manual_seed(0)
+        ...     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> for name, scale in [("a", 1.2), ("b", 1.4)]:  # two "trained" checkpoints of the same base
+        ...     trained = svftune.apply_svf(base())
+        ...     with torch.no_grad():
+        ...         _ = trained[0].S.mul_(scale)
+        ...     _ = svftune.save_svf(trained, os.path.join(tmp.name, f"{name}.safetensors"))
+        >>> model = base()
+        >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "a.safetensors"), adapter_name="a")
+        >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "b.safetensors"), adapter_name="b")
+        >>> svftune.list_adapters(model)
+        ['a', 'b']
+        >>> tmp.cleanup()
+    """
     adapters = _adapter_set(model)
     return list(adapters.adapters) if adapters else []
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    """The adapter whose values are in the layers (``None``: the plain base, or no adapters)."""
+    """The adapter whose values are in the layers.
+
+    Args:
+        model: any model.
+
+    Returns:
+        The active adapter's name; ``None`` for the plain base (inside ``disable_adapter``, or after the
+        active adapter was deleted) or when no adapter is loaded. The last one loaded is active.
+    """
     adapters = _adapter_set(model)
     return adapters.active if adapters else None
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make ``name`` the active adapter (no decomposition: only its values are written into the layers)."""
+    """Make adapter ``name`` the active one.
+
+    Nothing is decomposed: the adapter's singular-value changes (and stored tie bases) are written into the SVF
+    layers. The values currently in the layers, including any training since the last switch, are kept in the
+    previously active adapter first.
+
+    Args:
+        model: a model with adapters loaded by ``svftune.load_svf``.
+        name: the adapter to activate.
+
+    Raises:
+        SVFCheckpointError: the model has no adapters, or none named ``name``.
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> def base():
+        ...     torch.manual_seed(0)
+        ...     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> for name, scale in [("a", 1.2), ("b", 1.4)]:  # two "trained" checkpoints of the same base
+        ...     trained = svftune.apply_svf(base())
+        ...     with torch.no_grad():
+        ...         _ = trained[0].S.mul_(scale)
+        ...     _ = svftune.save_svf(trained, os.path.join(tmp.name, f"{name}.safetensors"))
+        >>> model = base()
+        >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "a.safetensors"), adapter_name="a")
+        >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "b.safetensors"), adapter_name="b")
+        >>> svftune.active_adapter(model)  # the last one loaded
+        'b'
+        >>> svftune.set_adapter(model, "a")
+        >>> svftune.active_adapter(model), torch.allclose(model[0].S, 1.2 * model[0].S0)
+        ('a', True)
+        >>> tmp.cleanup()
+    """
     adapters = _require(model, name)
     _sync(model, adapters)
     _activate(model, adapters, name)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Forget adapter ``name``; deleting the active one leaves the plain base active."""
+    """Forget adapter ``name``; deleting the active one leaves the plain base in the layers.
+
+    Args:
+        model: a model with adapters loaded.
+        name: the adapter to delete.
+
+    Raises:
+        SVFCheckpointError: the model has no adapters, or none named ``name``.
+    """
     adapters = _require(model, name)
     if adapters.active == name:
         _activate(model, adapters, None)
@@ -156,7 +274,39 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 @contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the plain base model inside the ``with`` block (exactly its original weights), then switch back."""
+    """Context manager that runs the plain base model inside the ``with`` block, then switches back.
+
+    Inside the block every SVF layer holds exactly its original weight; on leaving it, the adapter that was
+    active (with any training done so far) is back. It also works without loaded adapters, on a model trained
+    after ``svftune.apply_svf``, unless its layers train ``U`` or ``V``.
+
+    Args:
+        model: a model with SVF applied.
+
+    Yields:
+        ``model`` itself.
+
+    Raises:
+        SVFCheckpointError: the layers train ``U`` or ``V`` and their values were not loaded with ``load_svf``,
+            so the base cannot be restored.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> def base():
+        ...     torch.manual_seed(0)
+        ...     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> model = svftune.apply_svf(base())
+        >>> with torch.no_grad():
+        ...     _ = model[0].S.mul_(2.0)  # stands in for training
+        ...     x = torch.randn(3, 4)
+        ...     with svftune.disable_adapter(model):
+        ...         plain = model(x)
+        ...     tuned = model(x)
+        >>> torch.equal(plain, base()(x)), torch.allclose(tuned, plain)
+        (True, False)
+    """
     adapters = _adapter_set(model)
     if adapters is None:  # SVF applied but nothing loaded: S may still have been trained
         if any(layer.residual is not None for _, layer in svf_layers(model)):
@@ -179,7 +329,47 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def mix_adapters(model: nn.Module, weights: Mapping[str, float], *, name: str = "mix") -> None:
-    """Add and activate adapter ``name`` whose change is ``sum_k weights[k] * change_k`` (exact, see module doc)."""
+    """Add and activate a new adapter ``name`` whose weight change is the weighted sum of other adapters' changes.
+
+    The mixed weight of every layer is exactly ``W + sum_k weights[k] * (W_k - W)``: for distinct singular values
+    the ``S - S0`` vectors are summed; inside runs of tied values the mix is re-diagonalised in the run's
+    subspace (see the module documentation). Extra trained parameters are mixed the same way. Weights need not
+    sum to one (``{"a": 2.0}`` doubles an adapter's change; negative weights subtract).
+
+    Args:
+        model: a model with adapters loaded.
+        weights: ``{adapter name: weight}``.
+        name: the new adapter's name; an existing adapter of that name is replaced.
+
+    Raises:
+        SVFCheckpointError: ``weights`` is empty or not a mapping, names an unknown adapter, holds a weight that
+            is not a number, or names an adapter that trained ``U`` or ``V`` (whose changes are not singular
+            values).
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> def base():
+        ...     torch.manual_seed(0)
+        ...     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> for name, scale in [("a", 1.2), ("b", 1.4)]:  # two "trained" checkpoints of the same base
+        ...     trained = svftune.apply_svf(base())
+        ...     with torch.no_grad():
+        ...         _ = trained[0].S.mul_(scale)
+        ...     _ = svftune.save_svf(trained, os.path.join(tmp.name, f"{name}.safetensors"))
+        >>> model = base()
+        >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "a.safetensors"), adapter_name="a")
+        >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "b.safetensors"), adapter_name="b")
+        >>> svftune.mix_adapters(model, {"a": 0.5, "b": 0.5}, name="ab")
+        >>> svftune.list_adapters(model), svftune.active_adapter(model)
+        (['a', 'b', 'ab'], 'ab')
+        >>> torch.allclose(model[0].S, 1.3 * model[0].S0)  # halfway between 1.2 and 1.4
+        True
+        >>> tmp.cleanup()
+    """
     if not isinstance(weights, Mapping) or not weights:
         raise _error("mix_adapters needs a mapping {adapter name: weight}, e.g. {'a': 0.5, 'b': 0.5}")
     adapters = _require(model, *weights)

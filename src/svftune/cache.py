@@ -28,13 +28,47 @@ from torch import Tensor
 from .decompose import thin_svd
 
 CACHE_VERSION = 1
-#: Largest relative error of the checks above that a cached entry may show (float32 factors reach ~1e-6).
+"""Version of the entry layout; part of every key, so entries of another version are never read."""
 CHECK_TOLERANCE = 1e-5
+"""Largest relative error of the checks above that a cached entry may show (float32 factors reach ~1e-6)."""
 Factors = tuple[Tensor, Tensor, Tensor]
 
 
 class DecompositionCache:
-    """SVDs of base weights on disk under ``directory``, keyed by the weights' fingerprint."""
+    """SVDs of base weights on disk under ``directory``, keyed by the weights' fingerprint.
+
+    The usual way to use it is ``svftune.load_svf(model, source, cache_dir=directory)``, which builds one. For
+    ``apply_svf``, pass ``decompose=cache.provider(fingerprints)``. Entries are checked before use, so a damaged
+    or stale entry is recomputed (with a warning), never trusted.
+
+    Args:
+        directory: where the entries live (created on the first write; ``~`` is expanded).
+
+    Attributes:
+        directory: the cache directory.
+        hits: decompositions served from the cache by this object's providers.
+        misses: decompositions computed (and stored) by this object's providers.
+
+    Example:
+        >>> import tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> from svftune.fingerprint import weight_sha256
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> fingerprints = {m.weight.data_ptr(): weight_sha256(m.weight) for m in (model[0], model[2])}
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> cache = svftune.DecompositionCache(tmp.name)
+        >>> model = svftune.apply_svf(model, decompose=cache.provider(fingerprints))
+        >>> cache.hits, cache.misses  # first time: computed and stored
+        (0, 2)
+        >>> again = svftune.DecompositionCache(tmp.name)  # e.g. in a new process
+        >>> model = svftune.apply_svf(svftune.unapply_svf(model), decompose=again.provider(fingerprints))
+        >>> again.hits, again.misses
+        (2, 0)
+        >>> tmp.cleanup()
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory).expanduser()
@@ -43,17 +77,36 @@ class DecompositionCache:
 
     @staticmethod
     def key(weight_sha256: str, shape: tuple[int, ...]) -> str:
-        """Entry name for a weight with this fingerprint, folded to ``shape``."""
+        """Entry name for a weight with this fingerprint, folded to ``shape``.
+
+        Args:
+            weight_sha256: the weight's fingerprint (``svftune.fingerprint.weight_sha256``).
+            shape: the shape of the folded ``(groups, out/groups, fan_in)`` matrices.
+
+        Returns:
+            A hex sha256 that also covers the cache format version.
+        """
         return hashlib.sha256(f"svftune-svd-v{CACHE_VERSION};{weight_sha256};{list(shape)}".encode()).hexdigest()
 
     def path(self, key: str) -> Path:
+        """Where the entry ``key`` is stored: ``directory/<first two hex digits>/<key>.safetensors``."""
         return self.directory / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str, matrices: Tensor, float64: bool = True) -> Factors | None:
-        """The cached ``(U, S, Vh)`` of ``matrices``, or ``None`` (missing, stale or damaged).
+        """Read the cached decomposition of ``matrices``, checking it is one.
 
-        ``float64=False`` returns ``U`` and ``Vh`` as stored (in the weight's dtype), which spares two copies when
-        the caller casts them to that dtype anyway.
+        An entry that cannot be read, belongs to another key, or is not an SVD of ``matrices`` is deleted with a
+        warning.
+
+        Args:
+            key: the entry name (``key``).
+            matrices: the ``(groups, m, n)`` matrices the entry should decompose; the factors are checked against
+                them and moved to their device.
+            float64: return ``U`` and ``Vh`` in float64. ``False`` returns them as stored (in the weight's
+                dtype), which spares two copies when the caller casts them to that dtype anyway.
+
+        Returns:
+            ``(U, S, Vh)`` (``S`` in float64), or ``None`` when the entry is missing, stale or damaged.
         """
         from .checkpoint import SVFCheckpointError
 
@@ -82,7 +135,16 @@ class DecompositionCache:
         return u, s.to(torch.float64), vh
 
     def put(self, key: str, matrices: Tensor, factors: Factors) -> None:
-        """Store ``factors`` atomically; a failure to write (full disk, read-only) only warns."""
+        """Store the decomposition of ``matrices`` under ``key``, atomically.
+
+        ``U`` and ``Vh`` are stored in the weight's dtype (float32 for half-precision weights), ``S`` in float64.
+        A failure to write (full disk, read-only directory) only warns.
+
+        Args:
+            key: the entry name (``key``).
+            matrices: the decomposed matrices (for their dtype).
+            factors: their ``(U, S, Vh)``.
+        """
         from .checkpoint import atomic_write
 
         storage = matrices.dtype if matrices.dtype in (torch.float32, torch.float64) else torch.float32
@@ -97,10 +159,19 @@ class DecompositionCache:
             warnings.warn(f"svftune cache: could not write {path} ({err}); continuing without caching", stacklevel=2)
 
     def provider(self, fingerprints: dict[int, str], float64: bool = True) -> Callable[[Tensor], Factors]:
-        """A stand-in for ``thin_svd`` that serves weights whose ``data_ptr`` is in ``fingerprints`` from the cache.
+        """A stand-in for ``thin_svd`` that serves known weights from the cache, for ``apply_svf(decompose=...)``.
 
-        ``float64=False``: cached ``U``/``Vh`` come back in the weight's dtype (enough when only ``S`` trains: the
-        SVF layer casts them to that dtype; ``U``/``V`` training computes a residual that wants float64).
+        Matrices whose ``data_ptr()`` is in ``fingerprints`` (the layers' weights; the folded matrices an SVF layer
+        decomposes are views of them) are read from the cache, or decomposed with ``svftune.thin_svd`` and
+        stored. Any other matrix is decomposed without caching. Counts go to ``hits`` and ``misses``.
+
+        Args:
+            fingerprints: ``{weight.data_ptr(): weight_sha256(weight)}`` of the weights to cache.
+            float64: ``False``: cached ``U``/``Vh`` come back in the weight's dtype (enough when only ``S`` trains:
+                the SVF layer casts them to that dtype; ``U``/``V`` training computes a residual that wants float64).
+
+        Returns:
+            A function ``matrices -> (U, S, Vh)``.
         """
 
         def decompose(matrices: Tensor) -> Factors:
@@ -121,7 +192,14 @@ class DecompositionCache:
 
 
 def svd_problem(matrices: Tensor, u: Tensor, s: Tensor, vh: Tensor) -> str | None:
-    """Why ``(u, s, vh)`` is not a thin SVD of the ``(groups, m, n)`` ``matrices``, or ``None`` when it is."""
+    """Check that ``(u, s, vh)`` is a thin SVD of the ``(groups, m, n)`` ``matrices``.
+
+    Checks shapes, finite, sorted and non-negative ``s``, and on fixed random vectors ``A x = U S Vh x``,
+    ``U^T U y = y`` and ``Vh Vh^T y = y`` to a relative error of ``CHECK_TOLERANCE``.
+
+    Returns:
+        Why it is not one, or ``None`` when it is.
+    """
     from .fingerprint import _unit_vectors
 
     groups, m, n = matrices.shape

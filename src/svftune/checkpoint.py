@@ -4,7 +4,7 @@ A checkpoint holds, per adapted layer, the change of its singular values ``S - S
 flat tensor, ``delta_S``), plus JSON metadata: format version, svftune version, the apply_svf configuration,
 and per layer its kind, weight shape/dtype, groups, rank, an exact fingerprint of its base weight (sha256 of
 dtype, shape and bytes) and a tolerance fingerprint (Frobenius norm and random projections, see
-:mod:`svftune.fingerprint`).
+``svftune.fingerprint``).
 
 Tied singular values. ``S - S0`` alone is only well defined when the re-computed decomposition has the same
 singular vectors as the one trained on. Distinct values are safe (only signs can flip, and they cancel). Inside a
@@ -24,7 +24,7 @@ Other trainable parameters (e.g. a new classifier head) are stored under ``extra
 Two forms: a single ``.safetensors`` file with the metadata in its header, or a directory (for sharing) with
 ``svf_config.json`` (the metadata plus the weights file's name and sha256), the weights file and a README model
 card. Every write is atomic. Loading never unpickles: safetensors and JSON only. Every problem with a file or
-with the model it is loaded onto raises :class:`SVFCheckpointError` before the model is touched.
+with the model it is loaded onto raises ``SVFCheckpointError`` before the model is touched.
 """
 
 from __future__ import annotations
@@ -50,14 +50,16 @@ from .layers import SVFLayer, normalize_form, normalize_train, unsupported_reaso
 from .model import svf_layers
 
 FORMAT = "svftune.svf_checkpoint"
+"""The ``format`` field every checkpoint's metadata carries."""
 FORMAT_VERSION = 1
+"""The checkpoint format this svftune writes; it reads this version and older ones."""
 CONFIG_NAME = "svf_config.json"
 CARD_NAME = "README.md"
 WEIGHTS_PREFIX = "svf_model"
-#: Largest metadata a checkpoint may carry (a safetensors header or svf_config.json).
 MAX_METADATA_BYTES = 64 * 1024 * 1024
-#: How many differing layers an error message lists.
+"""Largest metadata a checkpoint may carry (a safetensors header or svf_config.json)."""
 SHOWN = 5
+"""How many differing layers an error message lists."""
 KINDS: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 _TIE_ACTIONS = ("equal", "basis")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -66,7 +68,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class SVFCheckpointError(ValueError):
     """A checkpoint cannot be read, or does not fit the model it is loaded onto.
 
-    The message says what was wrong and how to fix it. Whenever this is raised by :func:`load_svf`, the model is
+    The message says what was wrong and how to fix it. Whenever this is raised by ``load_svf``, the model is
     exactly as it was before the call.
     """
 
@@ -74,7 +76,22 @@ class SVFCheckpointError(ValueError):
 # ------------------------------------------------------------------------------------------------ data
 @dataclass
 class LayerEntry:
-    """What a checkpoint records about one adapted layer."""
+    """What a checkpoint records about one adapted layer (an entry of ``SVFCheckpoint.layers``).
+
+    Attributes:
+        name: the layer's module name in the model.
+        kind: the plain layer type: ``"Linear"``, ``"Conv1d"``, ``"Conv2d"`` or ``"Conv3d"``.
+        shape: shape of the base weight.
+        dtype: dtype of the base weight, e.g. ``"float32"``.
+        groups: the layer's ``groups`` (1 for Linear).
+        rank: singular values per group, ``min(out/groups, fan_in)``.
+        sha256: exact fingerprint of the base weight (dtype, shape and bytes).
+        fro: Frobenius norm of the base weight (tolerance fingerprint).
+        sketch: random projections of the base weight (tolerance fingerprint, see ``svftune.fingerprint``).
+        ties: ``[group, start, stop, action]`` for every run of tied singular values, ``action`` being
+            ``"equal"`` or ``"basis"`` (see the module documentation).
+        full_factors: whether the whole ``U`` and ``Vh`` are stored (the layer trained ``U`` or ``V``).
+    """
 
     name: str
     kind: str
@@ -99,6 +116,7 @@ class LayerEntry:
         return self.shape[0] // self.groups, math.prod(self.shape[1:])
 
     def to_json(self) -> dict[str, Any]:
+        """The entry as written into the checkpoint metadata (without the name, which is its key there)."""
         entry = {
             "kind": self.kind,
             "shape": self.shape,
@@ -117,7 +135,23 @@ class LayerEntry:
 
 @dataclass
 class SVFCheckpoint:
-    """A parsed and validated checkpoint (see :func:`read_svf`)."""
+    """A parsed and validated checkpoint, as returned by ``read_svf``; ``load_svf`` also accepts one.
+
+    Reading validates the metadata against the tensors completely, so every field below is consistent. All
+    tensors are on the CPU, in the dtype they were saved in.
+
+    Attributes:
+        metadata: the whole JSON metadata: format and svftune versions, ``config``, ``layers``, ``extra`` and
+            ``user`` (the ``metadata=`` given to ``save_svf``).
+        layers: per adapted layer name, its ``LayerEntry`` (kind, shapes, fingerprints, tied runs).
+        deltas: per layer, the ``(groups, rank)`` change of its singular values, ``S - S0``.
+        bases: per layer with tied singular values stored as ``"basis"``, the runs
+            ``(group, start, stop, U columns, Vh rows)`` as trained.
+        factors: per layer that trained ``U`` or ``V``, its whole ``(U, Vh)``.
+        extra: other trained parameters by name (e.g. a new head), saved with ``include_trainable=True``.
+        source: where it was read from (a path or Hub repo id; ``"<memory>"`` when built otherwise).
+        size_bytes: size of what was read (weights plus configuration file), in bytes.
+    """
 
     metadata: dict[str, Any]
     layers: dict[str, LayerEntry]
@@ -130,6 +164,7 @@ class SVFCheckpoint:
 
     @property
     def config(self) -> dict[str, Any]:
+        """The ``apply_svf`` configuration trained with: ``train``, ``form``, ``freeze_bn``, ``freeze_others``."""
         return self.metadata["config"]
 
     @property
@@ -149,8 +184,13 @@ def save_svf(
 ) -> Path:
     """Write the singular-value changes of every SVF layer of ``model`` to ``path``.
 
+    Only what training changed is stored: ``S - S0`` per layer (plus, for tied singular values, the basis
+    vectors that make the change well defined, and the whole ``U``/``Vh`` of layers that trained them), the
+    other trainable parameters, and fingerprints of the base weights that let ``load_svf`` check it lands on
+    the right model. Load it back with ``load_svf``; inspect it with ``read_svf``.
+
     Args:
-        model: a model with SVF applied (:func:`svftune.apply_svf`).
+        model: a model with SVF applied (``svftune.apply_svf``).
         path: a ``.safetensors`` file (metadata in its header), or a directory for sharing, written as
             ``svf_config.json`` + weights + ``README.md`` model card.
         dtype: storage dtype of the values (``torch.float16`` halves the file, at float16 precision);
@@ -162,6 +202,30 @@ def save_svf(
 
     Returns:
         The path written. The write is atomic: a crash or a full disk leaves the previous file (or nothing).
+
+    Raises:
+        SVFCheckpointError: the model has no SVF layer, its layers train different factors, a value is NaN or
+            Inf (or out of ``dtype``'s range), ``metadata`` is not JSON-able, or a directory ``path`` exists as a
+            file.
+        TypeError: ``dtype`` is not float16, bfloat16, float32 or float64.
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> _ = torch.manual_seed(0)
+        >>> model = svftune.apply_svf(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+        >>> with torch.no_grad():
+        ...     _ = model[2].S.mul_(1.5)  # stands in for training
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> file = svftune.save_svf(model, os.path.join(tmp.name, "svf.safetensors"))
+        >>> file.name
+        'svf.safetensors'
+        >>> folder = svftune.save_svf(model, os.path.join(tmp.name, "shared"), metadata={"base_model": "toy"})
+        >>> sorted(os.listdir(folder))
+        ['README.md', 'svf_config.json', 'svf_model-....safetensors']
+        >>> tmp.cleanup()
     """
     layers = svf_layers(model)
     if not layers:
@@ -316,7 +380,17 @@ def _umask() -> int:
 
 
 def model_card(meta: Mapping[str, Any], size_bytes: int | None = None) -> str:
-    """A README.md model card: base model, adapted layers, trainable count, file size, metrics."""
+    """The README.md model card of a checkpoint directory.
+
+    Args:
+        meta: the checkpoint metadata (as in ``SVFCheckpoint.metadata``); ``user["base_model"]``,
+            ``user["title"]`` and ``user["metrics"]`` appear on the card when present.
+        size_bytes: the checkpoint's size, shown when given.
+
+    Returns:
+        Markdown with a Hugging Face front matter: base model, adapted layers, trainable count, size, metrics
+        and how to load it.
+    """
     user = meta.get("user", {})
     layers = meta["layers"]
     count = sum(entry["groups"] * entry["rank"] for entry in layers.values())
@@ -358,7 +432,41 @@ def _summarize_names(names: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------ read
 def read_svf(source: str | os.PathLike, *, revision: str | None = None) -> SVFCheckpoint:
-    """Read and validate a checkpoint (file, directory or Hub repo id) without touching any model."""
+    """Read and validate a checkpoint without touching any model.
+
+    Everything is checked before it is returned: the format and its version, the metadata's structure, the
+    tensors against the metadata (names, shapes, float dtypes, finite values) and, for a directory, the weights
+    file's sha256. Nothing is unpickled (safetensors and JSON only).
+
+    Args:
+        source: a ``.safetensors`` file, a checkpoint directory, or a Hugging Face Hub repo id ``"user/name"``
+            (used when no such local path exists; needs ``huggingface_hub``).
+        revision: Hub branch, tag or commit when ``source`` is a repo id.
+
+    Returns:
+        The parsed checkpoint.
+
+    Raises:
+        SVFCheckpointError: nothing is found at ``source``, or it is not a valid svftune checkpoint (the message
+            says what is wrong), or it was written by a newer checkpoint format, or the Hub download fails.
+        ImportError: ``source`` is a Hub repo id and ``huggingface_hub`` is not installed.
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> _ = torch.manual_seed(0)
+        >>> model = svftune.apply_svf(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = svftune.save_svf(model, os.path.join(tmp.name, "svf.safetensors"))
+        >>> checkpoint = svftune.read_svf(path)
+        >>> checkpoint.count, sorted(checkpoint.layers), checkpoint.config["train"]
+        (12, ['0', '2'], 'S')
+        >>> checkpoint.layers["0"].kind, checkpoint.layers["0"].shape, tuple(checkpoint.deltas["0"].shape)
+        ('Conv2d', [8, 3, 3, 3], (1, 8))
+        >>> tmp.cleanup()
+    """
     path = Path(source)
     if path.is_dir():
         return _read_directory(path)
@@ -422,7 +530,18 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """``(header metadata, tensors)`` of a safetensors file's bytes; any defect is an SVFCheckpointError."""
+    """Parse the bytes of a safetensors file.
+
+    Args:
+        data: the whole file.
+        where: how to name the file in error messages.
+
+    Returns:
+        ``(header metadata, tensors)``.
+
+    Raises:
+        SVFCheckpointError: the bytes are empty, truncated or not a valid safetensors file.
+    """
     if len(data) < 8:
         raise SVFCheckpointError(f"{where} is empty or truncated ({len(data)} bytes): not a checkpoint")
     size = int.from_bytes(data[:8], "little")
@@ -638,20 +757,58 @@ def load_svf(
     Args:
         model: the plain base model, or one with SVF already applied to the same layers.
         source: a ``.safetensors`` file, a checkpoint directory, a Hub repo id ``"user/name"``, or an
-            :class:`SVFCheckpoint` from :func:`read_svf`.
+            ``SVFCheckpoint`` from ``read_svf``.
         strict: ``True`` (default): every layer must exist with the same shape and the same base weights
             (bit-identical, the same values in another dtype, or the same weights rounded to another dtype),
-            otherwise :class:`SVFCheckpointError` names the first differing layers. ``False``: load the layers
+            otherwise ``SVFCheckpointError`` names the first differing layers. ``False``: load the layers
             that match, warn about the others (for deliberate transfer to another, e.g. fine-tuned, base).
         device: move the model there after loading (``None``: leave it where it is).
         revision: Hub branch, tag or commit when ``source`` is a repo id.
-        adapter_name: the name this checkpoint gets among the model's adapters (see :mod:`svftune.adapters`);
+        adapter_name: the name this checkpoint gets among the model's adapters (see ``svftune.adapters``);
             loading under an existing name replaces that adapter.
         cache_dir: opt-in on-disk cache of the decompositions, keyed by the base weights' fingerprint: a second
-            load of the same base skips the SVDs (see :mod:`svftune.cache`).
+            load of the same base skips the SVDs (see ``svftune.cache``).
 
     Returns:
         ``model`` (modified in place). On any error the model is left exactly as it was.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        SVFCheckpointError: the checkpoint cannot be read, or does not fit the model (``strict=True``: any
+            difference; ``strict=False``: no layer matches), or ``adapter_name`` is empty. The message lists the
+            differing layers.
+        ImportError: ``source`` is a Hub repo id and ``huggingface_hub`` is not installed.
+
+    Warns:
+        UserWarning: ``strict=False`` skipped layers that differ, or base weights match only within rounding
+            (e.g. a base re-saved in float16).
+
+    Example:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> def base():
+        ...     torch.manual_seed(0)
+        ...     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        >>> trained = svftune.apply_svf(base())
+        >>> with torch.no_grad():
+        ...     _ = trained[2].S.mul_(1.5)  # stands in for training
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = svftune.save_svf(trained, os.path.join(tmp.name, "svf.safetensors"))
+        >>> model = svftune.load_svf(base(), path)  # applies SVF as it was trained, then loads the values
+        >>> type(model[2]).__name__, svftune.trainable_parameters(model)
+        ('SVFConv2d', (12, 272))
+        >>> x = torch.randn(1, 3, 6, 6)
+        >>> with torch.no_grad():
+        ...     torch.allclose(model(x), trained(x), atol=1e-6)
+        True
+        >>> other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))  # other weights
+        >>> svftune.load_svf(other, path)
+        Traceback (most recent call last):
+            ...
+        svftune.checkpoint.SVFCheckpointError: checkpoint ... does not fit this model (2 difference(s)): ...
+        >>> tmp.cleanup()
     """
     from .adapters import adapter_from_checkpoint, register_adapter
 
@@ -689,7 +846,17 @@ def load_svf(
 
 @dataclass
 class LoadPlan:
-    """What :func:`check_model` found: which layers load, and how each base weight matched."""
+    """What ``check_model`` found: which layers load, and how each base weight matched.
+
+    Attributes:
+        plain: whether the model had no SVF layer (``load_svf`` then applies SVF itself).
+        loadable: names of the layers that load.
+        match: per loadable layer, ``"exact"`` (bit-identical base), ``"same values"`` (the same values in another
+            dtype) or ``"close"`` (equal within rounding to another dtype).
+        hashes: per checked layer, the sha256 fingerprint of the model's base weight.
+        problems: ``"name: reason"`` for every difference found.
+        extra: names of the stored extra parameters that load.
+    """
 
     plain: bool
     loadable: list[str]
@@ -700,7 +867,20 @@ class LoadPlan:
 
 
 def check_model(model: nn.Module, checkpoint: SVFCheckpoint, *, strict: bool = True) -> LoadPlan:
-    """Compare a checkpoint with a model without changing it; raise (strict) or warn about every difference."""
+    """Compare a checkpoint with a model without changing it.
+
+    Args:
+        model: the model ``load_svf`` would load onto (plain, or with SVF applied).
+        checkpoint: the checkpoint to compare.
+        strict: raise on any difference (``True``), or warn and plan to load the matching layers only.
+
+    Returns:
+        The plan: which layers load and how each base weight matched.
+
+    Raises:
+        SVFCheckpointError: a difference with ``strict=True``, no loadable layer at all, or the model's SVF layers
+            train other factors than the checkpoint's.
+    """
     existing = dict(svf_layers(model))
     plain = not existing
     config = checkpoint.config

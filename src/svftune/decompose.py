@@ -9,7 +9,7 @@ LAPACK's divide-and-conquer SVD is slow on strongly rectangular matrices (a 512 
 then decomposing that square factor, is exact (backward stable, like the SVD itself) and several times faster
 there; see benchmarks/README.md for the measured numbers.
 
-On CPU, matrices below :data:`SINGLE_THREAD_WORK` multiply-adds are decomposed on one thread: multi-threaded
+On CPU, matrices below ``SINGLE_THREAD_WORK`` multiply-adds are decomposed on one thread: multi-threaded
 LAPACK gains little there, and on a busy machine (DataLoader workers, other jobs) its threads spin against each
 other; we measured a 960 x 160 SVD go from 0.02 s to 1.8 s with 2 threads on a loaded 2-core machine.
 """
@@ -22,19 +22,31 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-#: Aspect ratio (long side / short side) from which the QR-first route is used.
 QR_FIRST_ASPECT = 2.0
-#: ``m * n * min(m, n)`` (summed over the batch) below which CPU decompositions run on one thread.
+"""Aspect ratio (long side / short side) from which the QR-first route is used."""
 SINGLE_THREAD_WORK = 2e10
+"""``m * n * min(m, n)`` (summed over the batch) below which CPU decompositions run on one thread."""
 
 
 def decomposition_dtype(device: torch.device) -> torch.dtype:
-    """The most exact dtype the device can run a float SVD in."""
+    """The most exact dtype ``device`` can run a float SVD in.
+
+    Args:
+        device: where the decomposition runs.
+
+    Returns:
+        ``torch.float64``, or ``torch.float32`` on Apple MPS, which has no float64.
+    """
     return torch.float32 if device.type == "mps" else torch.float64
 
 
 def thin_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD ``A = U @ diag(S) @ Vh`` of a (batch of) matrices, computed in float64.
+    """Thin SVD ``A = U @ diag(S) @ Vh`` of a matrix or a batch of matrices, computed in float64.
+
+    The input is cast to float64 (float32 on devices without float64) and decomposed on its own device; strongly
+    rectangular matrices (aspect ratio of at least ``QR_FIRST_ASPECT``) are reduced with a QR factorisation first,
+    which is exact and several times faster there. Small CPU problems run on one thread (see the module
+    documentation). This is what ``svftune.apply_svf`` uses for every layer unless given ``decompose=``.
 
     Args:
         matrices: ``(..., m, n)`` tensor of any floating dtype.
@@ -42,6 +54,22 @@ def thin_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Returns:
         ``U (..., m, r)``, ``S (..., r)`` (descending), ``Vh (..., r, n)`` with ``r = min(m, n)``,
         all in float64 (float32 on devices without float64).
+
+    Raises:
+        TypeError: ``matrices`` is not a floating-point tensor.
+
+    Example:
+        >>> import torch
+        >>> import svftune
+        >>> _ = torch.manual_seed(0)
+        >>> a = torch.randn(2, 8, 3)  # a batch of two 8 x 3 matrices
+        >>> u, s, vh = svftune.thin_svd(a)
+        >>> tuple(u.shape), tuple(s.shape), tuple(vh.shape), s.dtype
+        ((2, 8, 3), (2, 3), (2, 3, 3), torch.float64)
+        >>> torch.allclose(u @ torch.diag_embed(s) @ vh, a.double())
+        True
+        >>> bool((s[:, :-1] >= s[:, 1:]).all())  # descending
+        True
     """
     if not matrices.is_floating_point():
         raise TypeError(f"thin_svd expects a floating-point tensor, got {matrices.dtype}")

@@ -5,7 +5,7 @@ Two fingerprints per weight:
 
 - ``weight_sha256``: an exact hash of the weight's bytes, shape and dtype. Equal hashes mean the same weights.
   A copy re-saved in another dtype that holds the same values (float32 -> float64) is recognised exactly by
-  casting it back to the recorded dtype before hashing (:func:`same_values`).
+  casting it back to the recorded dtype before hashing (``same_values``).
 - ``weight_sketch``: the Frobenius norm and a few projections ``a_j^T W b_j`` on fixed pseudo-random unit
   vectors. It tells "the same weights, rounded differently" (re-saved in float16/bfloat16) from "other weights":
   rounding moves each projection by about the relative rounding error (in units of ``||W||_F / sqrt(m n)``),
@@ -25,14 +25,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: Number of random projections in a sketch.
 SKETCH_SIZE = 4
-#: Largest projection difference, in units of ``||W||_F / sqrt(m n)``, still counted as the same weights.
-#: bfloat16 rounding moves a projection by ~2e-3 of that unit, a 1% change of the weights by ~1e-2, and
-#: independent weights by ~1.
+"""Number of random projections in a sketch."""
 SKETCH_TOLERANCE = 0.01
-#: Singular values whose gap is at most this fraction of the group's largest singular value are tied.
+"""Largest projection difference, in units of ``||W||_F / sqrt(m n)``, still counted as the same weights.
+
+bfloat16 rounding moves a projection by ~2e-3 of that unit, a 1% change of the weights by ~1e-2, and independent
+weights by ~1.
+"""
 TIE_RTOL = 1e-6
+"""Singular values whose gap is at most this fraction of the group's largest singular value are tied."""
 
 _DTYPE_NAMES = {
     torch.float64: "float64",
@@ -44,7 +46,12 @@ DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``"float32"`` for ``torch.float32``; only the floating dtypes a checkpoint may hold."""
+    """The name a checkpoint records for ``dtype``: ``"float32"`` for ``torch.float32``.
+
+    Raises:
+        TypeError: ``dtype`` is not one of the floating dtypes a checkpoint may hold (float16, bfloat16, float32,
+            float64).
+    """
     if dtype not in _DTYPE_NAMES:
         raise TypeError(f"unsupported dtype {dtype}: use one of {', '.join(DTYPES)}")
     return _DTYPE_NAMES[dtype]
@@ -88,7 +95,15 @@ def _unit_vectors(length: int, count: int, stream: int) -> Tensor:
 
 
 def weight_sketch(weight: Tensor) -> tuple[float, list[float]]:
-    """``(||W||_F, [a_j^T W b_j])`` of the weight folded to ``(out, rest)``, computed in float64."""
+    """The tolerance fingerprint of a weight, computed in float64 (float32 on MPS).
+
+    Args:
+        weight: the weight; it is folded to ``(out, rest)``.
+
+    Returns:
+        ``(||W||_F, [a_j^T W b_j for j < SKETCH_SIZE])`` with fixed pseudo-random unit vectors ``a_j``, ``b_j``
+        that are the same on every machine.
+    """
     matrix = weight.detach().reshape(weight.shape[0], -1)
     exact = torch.float32 if matrix.device.type == "mps" else torch.float64
     matrix = matrix.to(exact)
@@ -100,7 +115,7 @@ def weight_sketch(weight: Tensor) -> tuple[float, list[float]]:
 
 
 def sketch_distance(numel: int, fro: float, sketch: list[float], other: tuple[float, list[float]]) -> float:
-    """How far two sketches are apart; at most :data:`SKETCH_TOLERANCE` for the same weights rounded differently.
+    """How far two sketches are apart; at most ``SKETCH_TOLERANCE`` for the same weights rounded differently.
 
     The larger of the projections' largest difference in units of ``||W||_F / sqrt(numel)`` and the relative
     difference of the Frobenius norms.
@@ -115,10 +130,23 @@ def sketch_distance(numel: int, fro: float, sketch: list[float], other: tuple[fl
 
 
 def tied_groups(values: Tensor, rtol: float = TIE_RTOL) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` runs of (near-)tied singular values in one descending vector.
+    """Find the runs of (near-)tied singular values in one descending vector.
 
     Neighbours closer than ``rtol * max(values)`` are tied, so a run of tiny values (a zero-padded or
     rank-deficient weight) is one group too. Runs of length one are not returned.
+
+    Args:
+        values: one group's singular values, in descending order.
+        rtol: the tie tolerance, relative to the largest value.
+
+    Returns:
+        ``[(start, stop), ...]``: each run is ``values[start:stop]``.
+
+    Example:
+        >>> import torch
+        >>> from svftune.fingerprint import tied_groups
+        >>> tied_groups(torch.tensor([3.0, 2.0, 2.0, 1.0, 0.0, 0.0]))
+        [(1, 3), (4, 6)]
     """
     s = values.detach().to("cpu", torch.float64)
     if s.numel() < 2:

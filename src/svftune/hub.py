@@ -32,7 +32,23 @@ def _hub() -> Any:
 
 
 def download(repo_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None) -> str:
-    """Local directory of the checkpoint in Hub repo ``repo_id`` (downloaded, or from huggingface_hub's cache)."""
+    """Download the checkpoint in Hub repo ``repo_id`` (or find it in huggingface_hub's cache).
+
+    Only the checkpoint's own files are fetched: ``svf_config.json``, ``README.md`` and the weights.
+
+    Args:
+        repo_id: ``"user/name"``.
+        revision: branch, tag or commit (default: the main branch).
+        cache_dir: huggingface_hub's cache directory (default: its own).
+
+    Returns:
+        The local directory holding the checkpoint.
+
+    Raises:
+        SVFCheckpointError: the download fails (network, authentication, missing repo or revision, offline
+            cache miss).
+        ImportError: ``huggingface_hub`` is not installed.
+    """
     hub = _hub()
     try:
         return hub.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=_PATTERNS)
@@ -59,14 +75,28 @@ def push_to_hub(
 ) -> str:
     """Save the model's SVF checkpoint with a model card and upload it to Hub repo ``repo_id``.
 
+    The checkpoint is saved as a directory (``svf_config.json``, weights, ``README.md`` model card; see
+    ``save_svf``) and uploaded as one commit, which also removes the weights of a previous upload. The repository
+    is created when it does not exist. Load it back with ``svftune.load_svf(model, repo_id)``.
+
     Args:
+        model: a model with SVF applied.
+        repo_id: the Hub repository, ``"user/name"``.
         base_model: the base model's name or Hub id (shown on the card, recorded in the metadata).
         metrics: optional evaluation results for the card, e.g. ``{"mIoU (5-shot)": 0.61}``.
-        metadata, dtype: as for :func:`svftune.save_svf`.
-        private, token, revision: passed to huggingface_hub (repository visibility, credentials, branch).
+        metadata: extra JSON-able information kept in the checkpoint, as for ``save_svf``.
+        dtype: storage dtype of the values, as for ``save_svf``.
+        private: visibility of a repository created by this call (``None``: the Hub's default).
+        token: Hub access token (default: huggingface_hub's stored login).
+        revision: branch to commit to (default: the main branch).
+        commit_message: the commit's message.
 
     Returns:
         The URL of the commit.
+
+    Raises:
+        ImportError: ``huggingface_hub`` is not installed.
+        SVFCheckpointError: the model cannot be saved (see ``save_svf``).
     """
     hub = _hub()
     user = dict(metadata or {})

@@ -1,4 +1,4 @@
-"""Which layers of a model :func:`svftune.apply_svf` adapts, and every error about that choice.
+"""Which layers of a model ``svftune.apply_svf`` adapts, and every error about that choice.
 
 ``layers`` (and ``exclude``) may be:
 
@@ -57,7 +57,16 @@ def _check_targets(targets: Sequence[type[nn.Module]] | None) -> tuple[type[nn.M
 
 
 def describe_model(model: nn.Module, limit: int = 25) -> str:
-    """Top-level children with their Conv/Linear counts: what an error message shows the user."""
+    """Describe the top-level children of ``model`` with their Conv/Linear counts, for error messages.
+
+    Args:
+        model: the model to describe.
+        limit: how many children to list before summarising the rest as "... and N more".
+
+    Returns:
+        A multi-line text: one line per child (name, class, counts of Conv/Linear/SVF layers inside it) and the
+        model's total counts.
+    """
     lines = []
     for name, child in list(model.named_children())[:limit]:
         kinds = Counter(type(m).__name__ for m in child.modules() if isinstance(m, (*DEFAULT_TARGETS, SVFLayer)))
@@ -77,7 +86,60 @@ def select_layers(
     targets: Sequence[type[nn.Module]] | None = None,
     exclude: LayerSelector = None,
 ) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs apply_svf should adapt; raises a clear error for any bad choice."""
+    """Resolve which layers ``apply_svf`` adapts, with a clear error for every bad choice.
+
+    ``apply_svf(model, layers, targets=..., exclude=...)`` adapts exactly these layers, so this is the way to
+    preview a selection. Only the layers of ``targets`` inside the selection are returned (a selected block
+    contributes its Conv/Linear layers; its norm layers and activations are skipped).
+
+    Args:
+        model: the model to select from.
+        layers: which layers to adapt: a list of module-name prefixes (``["layer2", "layer3"]`` selects
+            ``layer2`` and everything inside it, but not ``layer20``; every prefix must match a module), a
+            regular expression matched from the start of the name up to a name boundary (``"layer[2-4]"``),
+            or a callable ``(name, module) -> bool``. ``None`` selects every target layer.
+        targets: the layer types to adapt: subclasses of ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` /
+            ``nn.Conv3d`` (default: those four).
+        exclude: layers to leave out, in the same forms as ``layers``.
+
+    Returns:
+        The ``(name, module)`` pairs to adapt, in ``model.named_modules()`` order.
+
+    Raises:
+        ValueError: a prefix matches no module (the message lists the model's top-level children), nothing is
+            selected, a selected layer already is an SVF layer, ``targets`` is empty, or a regular expression
+            does not compile.
+        TypeError: ``layers``/``exclude``/``targets`` has the wrong type, or a selected layer cannot be
+            adapted (transposed conv, parametrized, hooked, overriding ``forward``...); the message lists
+            every such layer with the reason.
+
+    Example:
+        >>> from collections import OrderedDict
+        >>> from torch import nn
+        >>> import svftune
+        >>> model = nn.Sequential(OrderedDict(
+        ...     stem=nn.Conv2d(3, 8, 3),
+        ...     body=nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)),
+        ...     head=nn.Linear(8, 2),
+        ... ))
+        >>> [name for name, _ in svftune.select_layers(model, ["body"])]
+        ['body.0', 'body.2']
+        >>> [name for name, _ in svftune.select_layers(model, "stem|head")]
+        ['stem', 'head']
+        >>> [name for name, _ in svftune.select_layers(model, exclude=["body.2"], targets=[nn.Conv2d])]
+        ['stem', 'body.0']
+        >>> [name for name, _ in svftune.select_layers(model, lambda name, m: isinstance(m, nn.Linear))]
+        ['head']
+        >>> svftune.select_layers(model, ["bdy"])
+        Traceback (most recent call last):
+            ...
+        ValueError: layers entry 'bdy' matches no module of the model.
+        Top-level children of the model:
+          stem (Conv2d: 1 Conv2d)
+          body (Sequential: 2 Conv2d)
+          head (Linear: 1 Linear)
+        In total: 3 Conv2d, 1 Linear.
+    """
     targets = _check_targets(targets)
     include, prefixes = (lambda n, m: True, []) if layers is None else _compile(layers, "layers")
     skip, skip_prefixes = (lambda n, m: False, []) if exclude is None else _compile(exclude, "exclude")

@@ -16,14 +16,38 @@ try:
 except ImportError:  # pragma: no cover - tqdm is a dependency, but progress bars are not essential
     tqdm = None
 
-#: Weights (in elements) above which apply_svf shows a progress bar when ``progress=None``.
 PROGRESS_THRESHOLD = 20_000_000
+"""Weights (in elements) from which ``apply_svf`` shows a progress bar when ``progress=None``."""
 _NORM_TYPES = (nn.modules.batchnorm._NormBase,)
 
 
 @dataclass
 class SVFConfig:
-    """What apply_svf did to a model; stored on it as ``model.svf_config``."""
+    """What ``apply_svf`` did to a model; stored on it as ``model.svf_config``.
+
+    A second ``apply_svf`` call on the same model (other layers) extends the record; ``merge_svf`` and
+    ``unapply_svf`` remove it. ``svftune.save_svf`` writes ``train``, ``form``, ``freeze_bn`` and
+    ``freeze_others`` into the checkpoint, so that ``svftune.load_svf`` applies SVF the same way.
+
+    Attributes:
+        layer_names: names of the adapted layers, in the order they were adapted.
+        train: which factors train, normalised to a subset of ``"USV"`` in that order (``"S"`` by default).
+        form: the training form the layers were built with: ``"auto"``, ``"three_op"``, ``"rebuilt"`` or
+            ``"lean"``.
+        freeze_bn: whether BatchNorm-like layers were frozen (see ``freeze_batchnorm``).
+        freeze_others: whether every parameter that is not a trained SVF factor was frozen.
+        original_requires_grad: ``requires_grad`` of every parameter (by name) before the first ``apply_svf``,
+            restored by ``merge_svf`` and ``unapply_svf``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> _ = torch.manual_seed(0)
+        >>> model = svftune.apply_svf(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), layers=["2"])
+        >>> model.svf_config.layer_names, model.svf_config.train, model.svf_config.form
+        (['2'], 'S', 'auto')
+    """
 
     layer_names: list[str]
     train: str = "S"
@@ -45,10 +69,32 @@ class _StayInEval:
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
-    """Keep every BatchNorm/SyncBatchNorm/InstanceNorm with running stats in eval mode with frozen affine.
+    """Keep every BatchNorm/SyncBatchNorm/InstanceNorm layer of ``model`` in eval mode with frozen affine.
 
-    Later ``model.train()`` calls leave them in eval mode. Call it again after
-    ``nn.SyncBatchNorm.convert_sync_batchnorm``, which builds new norm layers. Returns how many were frozen.
+    SVF trains with BatchNorm frozen: running statistics instead of batch statistics, and no trainable affine
+    parameters. Every norm layer derived from ``torch.nn.modules.batchnorm._NormBase`` (BatchNorm1d/2d/3d,
+    SyncBatchNorm, InstanceNorm1d/2d/3d, their lazy forms) is put in eval mode, its ``weight``/``bias`` get
+    ``requires_grad=False``, and later ``model.train()`` calls leave it in eval mode. ``apply_svf`` calls this
+    when ``freeze_bn=True`` (the default). ``nn.SyncBatchNorm.convert_sync_batchnorm`` builds new norm layers:
+    call ``freeze_batchnorm`` again after it.
+
+    Args:
+        model: the model whose norm layers to freeze (the model itself counts when it is one).
+
+    Returns:
+        How many norm layers were frozen.
+
+    Example:
+        >>> from torch import nn
+        >>> import svftune
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> svftune.freeze_batchnorm(model)
+        1
+        >>> model.train()[1].training, model[1].weight.requires_grad
+        (False, False)
+        >>> svftune.unfreeze_batchnorm(model)
+        >>> model.train()[1].training
+        True
     """
     count = 0
     for module in model.modules():
@@ -62,14 +108,37 @@ def freeze_batchnorm(model: nn.Module) -> int:
 
 
 def unfreeze_batchnorm(model: nn.Module) -> None:
-    """Undo :func:`freeze_batchnorm`: norm layers follow ``model.train()`` again."""
+    """Undo the mode freezing of ``freeze_batchnorm``: norm layers follow ``model.train()`` again.
+
+    Only the mode is released; the layers keep their current mode until the next ``model.train()`` /
+    ``model.eval()``, and their affine parameters keep ``requires_grad=False`` (``merge_svf`` and
+    ``unapply_svf`` restore the flags that were in place before ``apply_svf``).
+
+    Args:
+        model: the model whose norm layers to release.
+    """
     for module in model.modules():
         if isinstance(module.__dict__.get("train"), _StayInEval):
             del module.__dict__["train"]
 
 
 def svf_layers(model: nn.Module) -> list[tuple[str, SVFLayer]]:
-    """Every SVF layer of ``model`` with its name."""
+    """Every SVF layer of ``model`` with its module name, in ``model.named_modules()`` order.
+
+    Args:
+        model: any model.
+
+    Returns:
+        ``(name, layer)`` pairs for every ``svftune.SVFLayer`` inside ``model`` (empty when SVF is not
+        applied).
+
+    Example:
+        >>> from torch import nn
+        >>> import svftune
+        >>> model = svftune.apply_svf(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> [(name, type(layer).__name__) for name, layer in svftune.svf_layers(model)]
+        [('0', 'SVFLinear'), ('2', 'SVFLinear')]
+    """
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SVFLayer)]
 
 
@@ -94,6 +163,11 @@ def apply_svf(
 ) -> nn.Module:
     """Replace the selected Conv/Linear layers by SVF layers whose singular values alone train.
 
+    Each selected weight is decomposed as ``W = U diag(S) Vh`` (full thin SVD per group, no truncation) and the
+    layer is replaced by an ``svftune.SVFLinear`` / ``svftune.SVFConv2d`` (1d/3d) that applies
+    ``W + U diag(S - S0) Vh``: while ``S`` is untouched the model computes exactly what it computed before.
+    Every other parameter is frozen (``freeze_others``) and BatchNorm is kept in eval mode (``freeze_bn``).
+
     Args:
         model: any PyTorch model.
         layers: which layers to adapt: module-name prefixes (``["layer2", "layer3", "layer4"]``), a regular
@@ -104,15 +178,47 @@ def apply_svf(
         freeze_bn: keep every BatchNorm in eval mode with frozen affine, across later ``model.train()``.
         inplace: modify ``model`` itself; ``False`` adapts a deep copy and leaves ``model`` untouched.
         train: which factors train: ``"S"`` (default), or any of ``"U"``, ``"S"``, ``"V"`` (paper Table 7).
-        form: training form, ``"auto"`` (cost model per call), ``"three_op"`` or ``"rebuilt"``.
+        form: training form of every adapted layer: ``"auto"`` (the default: a cost model picks three-op or
+            rebuilt on every training call from the input's shape), ``"three_op"`` (the paper's form: ``Vh``
+            projection, scale by ``S``, ``U`` projection; saves the ``R``-channel projection for the backward),
+            ``"rebuilt"`` (one conv with the rebuilt weight; the backward computes a full weight gradient) or
+            ``"lean"`` (three-op that recomputes the ``Vh`` projection in the backward instead of saving it:
+            one more conv per step, lower memory). Eval-mode and no-grad forwards always use the rebuilt weight.
         freeze_others: freeze every parameter that is not a trained SVF factor (default). ``False`` leaves
             the other parameters' ``requires_grad`` as they were.
         progress: show a progress bar while decomposing; ``None`` shows one for large models.
-        decompose: replaces :func:`svftune.thin_svd` for computing each layer's ``(U, S, Vh)``, e.g. a
+        decompose: replaces ``svftune.thin_svd`` for computing each layer's ``(U, S, Vh)``, e.g. a
             decomposition cache (``load_svf(..., cache_dir=...)`` uses this).
 
     Returns:
-        The adapted model (``model`` itself when ``inplace``). Its ``svf_config`` records what was done.
+        The adapted model (``model`` itself when ``inplace``). Its ``svf_config`` (``SVFConfig``) records
+        what was done.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; a selector or ``targets`` has the wrong type; a selected
+            layer cannot be adapted (transposed conv, a subclass that overrides ``forward``, a parametrized
+            layer, a layer with hooks); the message names the layer.
+        ValueError: a prefix in ``layers``/``exclude`` matches nothing, nothing is selected, SVF is already
+            applied to a selected layer, the model still has uninitialised lazy parameters, or ``train`` /
+            ``form`` is not valid.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> reference = model.eval()(x)
+        >>> model = svftune.apply_svf(model, layers=["3"])
+        >>> type(model[3]).__name__, tuple(model[3].S.shape)
+        ('SVFConv2d', (1, 16))
+        >>> [name for name, p in model.named_parameters() if p.requires_grad]
+        ['3.S']
+        >>> model.train()[1].training  # BatchNorm stays frozen
+        False
+        >>> torch.equal(model.eval()(x), reference)  # untouched singular values: exactly the original model
+        True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_svf expects a torch.nn.Module, got {type(model).__name__}")
@@ -168,22 +274,83 @@ def _remove_svf(model: nn.Module, merge: bool) -> nn.Module:
 def merge_svf(model: nn.Module) -> nn.Module:
     """Replace every SVF layer by a plain layer of its original class carrying the fine-tuned weight.
 
-    The weight is rebuilt in float64 and cast once. ``requires_grad`` flags and BatchNorm behaviour are
-    restored to what they were before :func:`apply_svf`. Modifies ``model`` in place and returns it.
+    The weight ``W + U diag(S - S0) Vh`` is rebuilt in float64 (float32 on devices without float64) and cast once
+    to the layer's dtype; an untouched layer gets a copy of its original weight. ``requires_grad`` flags and
+    BatchNorm behaviour are restored to what they were before ``apply_svf``, and ``model.svf_config`` is
+    removed. The result has no dependency on svftune: save it with ``torch.save`` or export it as usual.
+
+    Args:
+        model: a model with SVF applied; modified in place.
+
+    Returns:
+        ``model``, now made of plain layers again.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> _ = torch.manual_seed(0)
+        >>> model = svftune.apply_svf(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+        >>> with torch.no_grad():
+        ...     _ = model[2].S.mul_(1.5)  # stands in for training
+        ...     x = torch.randn(1, 3, 6, 6)
+        ...     tuned = model(x)
+        >>> plain = svftune.merge_svf(model)
+        >>> type(plain[2]).__name__, all(p.requires_grad for p in plain.parameters())
+        ('Conv2d', True)
+        >>> torch.allclose(plain(x), tuned, atol=1e-6)
+        True
     """
     return _remove_svf(model, merge=True)
 
 
 def unapply_svf(model: nn.Module) -> nn.Module:
-    """Restore the original layers with their original weight tensors, bit for bit. In place; returns ``model``."""
+    """Undo ``apply_svf``: restore the original layers with their original weight tensors, bit for bit.
+
+    Whatever the singular values were trained to is discarded (use ``merge_svf`` to keep it, or
+    ``svftune.save_svf`` first). The original ``Parameter`` objects come back (not copies), with their
+    ``requires_grad`` flags and BatchNorm behaviour as before ``apply_svf``.
+
+    Args:
+        model: a model with SVF applied; modified in place.
+
+    Returns:
+        ``model``, with its original layers.
+
+    Example:
+        >>> from torch import nn
+        >>> import svftune
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> weight = model[0].weight
+        >>> model = svftune.unapply_svf(svftune.apply_svf(model))
+        >>> type(model[0]).__name__, model[0].weight is weight, weight.requires_grad
+        ('Linear', True, True)
+    """
     return _remove_svf(model, merge=False)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts.
+    """Count the parameters that train and all parameters of ``model``.
 
-    ``total`` counts the model as its plain form plus what trains: frozen SVF factors (U, Vh and the
-    residual kept for U/V training) are a re-parametrisation of the base weight and are not counted again.
+    ``total`` counts the model as its plain form plus what trains: frozen SVF factors (``U``, ``Vh`` and the
+    residual kept for U/V training) are a re-parametrisation of the base weight and are not counted again, and
+    shared parameters are counted once.
+
+    Args:
+        model: any model, with or without SVF applied.
+
+    Returns:
+        ``(trainable, total)``: elements of the parameters with ``requires_grad`` and of all parameters.
+
+    Example:
+        >>> from torch import nn
+        >>> import svftune
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3))
+        >>> svftune.trainable_parameters(model)
+        (1408, 1408)
+        >>> model = svftune.apply_svf(model)  # ranks min(8, 3*3*3) = 8 and min(16, 8*3*3) = 16
+        >>> svftune.trainable_parameters(model)
+        (24, 1432)
     """
     internal = {
         id(t)
@@ -201,7 +368,18 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """Print ``trainable params: N || all params: M || trainable%: P`` (the PEFT format)."""
+    """Print the counts of ``trainable_parameters`` in the PEFT format.
+
+    Args:
+        model: any model, with or without SVF applied.
+
+    Example:
+        >>> from torch import nn
+        >>> import svftune
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3))
+        >>> svftune.print_trainable_parameters(svftune.apply_svf(model))
+        trainable params: 24 || all params: 1,432 || trainable%: 1.6760
+    """
     trainable, total = trainable_parameters(model)
     percent = 100.0 * trainable / total if total else 0.0
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
