@@ -1,12 +1,19 @@
 """svftune: Singular Value Fine-tuning (SVF) for any PyTorch backbone.
 
-Decompose each selected Conv/Linear weight as ``W = U diag(S) Vh``, freeze ``U`` and ``Vh`` and train only ``S``::
+Decompose each selected Conv/Linear weight as ``W = U diag(S) Vh``, freeze ``U`` and ``Vh`` and train only ``S``:
 
     import svftune
     model = svftune.apply_svf(backbone, layers=["layer2", "layer3", "layer4"])
     svftune.print_trainable_parameters(model)
     ...  # train
     plain = svftune.merge_svf(model)
+
+Everything most code needs is importable from here: applying, merging and removing SVF (``apply_svf``,
+``merge_svf``, ``unapply_svf``), counting and freezing (``trainable_parameters``, ``freeze_batchnorm``), the layers
+(``SVFLinear``, ``SVFConv2d``...), checkpoints (``save_svf``, ``load_svf``, ``read_svf``), adapters
+(``set_adapter``, ``mix_adapters``, ``disable_adapter``...), the Hub (``push_to_hub``) and the decomposition cache
+(``DecompositionCache``). Their modules (``svftune.checkpoint``, ``svftune.adapters``, ``svftune.hub``,
+``svftune.cache``) hold the lower-level pieces.
 """
 
 from .decompose import thin_svd

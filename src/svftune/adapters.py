@@ -174,7 +174,7 @@ def list_adapters(model: nn.Module) -> list[str]:
     Returns:
         The names (empty when no adapter was loaded, or after ``merge_svf`` / ``unapply_svf``).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import torch
         >>> from torch import nn
@@ -227,7 +227,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     Raises:
         SVFCheckpointError: the model has no adapters, or none named ``name``.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import torch
         >>> from torch import nn
@@ -290,7 +290,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         SVFCheckpointError: the layers train ``U`` or ``V`` and their values were not loaded with ``load_svf``,
             so the base cannot be restored.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import svftune
@@ -346,7 +346,7 @@ def mix_adapters(model: nn.Module, weights: Mapping[str, float], *, name: str = 
             is not a number, or names an adapter that trained ``U`` or ``V`` (whose changes are not singular
             values).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import torch
         >>> from torch import nn

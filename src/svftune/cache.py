@@ -49,7 +49,7 @@ class DecompositionCache:
         hits: decompositions served from the cache by this object's providers.
         misses: decompositions computed (and stored) by this object's providers.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> import torch
         >>> from torch import nn

@@ -209,7 +209,7 @@ def save_svf(
             file.
         TypeError: ``dtype`` is not float16, bfloat16, float32 or float64.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import torch
         >>> from torch import nn
@@ -451,7 +451,7 @@ def read_svf(source: str | os.PathLike, *, revision: str | None = None) -> SVFCh
             says what is wrong), or it was written by a newer checkpoint format, or the Hub download fails.
         ImportError: ``source`` is a Hub repo id and ``huggingface_hub`` is not installed.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import torch
         >>> from torch import nn
@@ -783,7 +783,7 @@ def load_svf(
         UserWarning: ``strict=False`` skipped layers that differ, or base weights match only within rounding
             (e.g. a base re-saved in float16).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> import torch
         >>> from torch import nn

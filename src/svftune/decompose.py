@@ -58,7 +58,7 @@ def thin_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Raises:
         TypeError: ``matrices`` is not a floating-point tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import svftune
         >>> _ = torch.manual_seed(0)

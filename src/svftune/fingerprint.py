@@ -142,7 +142,7 @@ def tied_groups(values: Tensor, rtol: float = TIE_RTOL) -> list[tuple[int, int]]
     Returns:
         ``[(start, stop), ...]``: each run is ``values[start:stop]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from svftune.fingerprint import tied_groups
         >>> tied_groups(torch.tensor([3.0, 2.0, 2.0, 1.0, 0.0, 0.0]))

@@ -97,6 +97,8 @@ def push_to_hub(
     Raises:
         ImportError: ``huggingface_hub`` is not installed.
         SVFCheckpointError: the model cannot be saved (see ``save_svf``).
+
+    Errors of the upload itself (authentication, network, permissions) come from huggingface_hub unchanged.
     """
     hub = _hub()
     user = dict(metadata or {})

@@ -113,7 +113,7 @@ def select_layers(
             adapted (transposed conv, parametrized, hooked, overriding ``forward``...); the message lists
             every such layer with the reason.
 
-    Example:
+    Examples:
         >>> from collections import OrderedDict
         >>> from torch import nn
         >>> import svftune

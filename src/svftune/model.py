@@ -39,7 +39,7 @@ class SVFConfig:
         original_requires_grad: ``requires_grad`` of every parameter (by name) before the first ``apply_svf``,
             restored by ``merge_svf`` and ``unapply_svf``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import svftune
@@ -84,7 +84,7 @@ def freeze_batchnorm(model: nn.Module) -> int:
     Returns:
         How many norm layers were frozen.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> import svftune
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -132,7 +132,7 @@ def svf_layers(model: nn.Module) -> list[tuple[str, SVFLayer]]:
         ``(name, layer)`` pairs for every ``svftune.SVFLayer`` inside ``model`` (empty when SVF is not
         applied).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> import svftune
         >>> model = svftune.apply_svf(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
@@ -202,7 +202,7 @@ def apply_svf(
             applied to a selected layer, the model still has uninitialised lazy parameters, or ``train`` /
             ``form`` is not valid.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import svftune
@@ -285,7 +285,7 @@ def merge_svf(model: nn.Module) -> nn.Module:
     Returns:
         ``model``, now made of plain layers again.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import svftune
@@ -317,7 +317,7 @@ def unapply_svf(model: nn.Module) -> nn.Module:
     Returns:
         ``model``, with its original layers.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> import svftune
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -342,7 +342,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     Returns:
         ``(trainable, total)``: elements of the parameters with ``requires_grad`` and of all parameters.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> import svftune
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3))
@@ -373,7 +373,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
     Args:
         model: any model, with or without SVF applied.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> import svftune
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3))
