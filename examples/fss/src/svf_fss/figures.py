@@ -32,6 +32,7 @@ from svftune import plots
 from .data import IMAGENET_MEAN, IMAGENET_STD, FSSDataset, binary_mask, to_original_size
 from .data.errors import DataError
 from .train.config import RunConfig, load_config
+from .train.runtime import seed_everything
 
 STRATEGY_ORDER = ("frozen", "svf", "full")
 FOREGROUND = np.array([0.1, 0.85, 0.2])  # mask / ground truth colour
@@ -110,11 +111,30 @@ def load_run(folder: str | Path, which: str = "best", data: str | None = None) -
     path = folder / (BEST_FILE if which == "best" else STATE_FILE)
     if not path.is_file():
         raise FigureError(f"no {which} checkpoint at {path}: train this run first")
+    seed_everything(config.seed)  # as training did: a backbone without pretrained weights is initialised alike
     model = build_run_model(config)
     state = torch.load(path, map_location="cpu", weights_only=False)
     load_trainable(model, state["trainable"])
     model.eval()
+    _check_base(model, path.with_suffix(".svf.safetensors"))
     return Run(config.strategy if folder.name == config.strategy else folder.name, folder, config, model)
+
+
+def _check_base(model: nn.Module, svf_file: Path) -> None:
+    """Refuse a rebuilt model whose adapted base weights are not the ones the run trained (per the run's
+    singular-value file, when there is one): its pictures would show another network."""
+    if not svf_file.is_file():
+        return
+    from svftune.fingerprint import weight_sha256
+
+    checkpoint = svftune.read_svf(svf_file)
+    for name, entry in checkpoint.layers.items():
+        layer = dict(svftune.svf_layers(model)).get(name)
+        if layer is None or weight_sha256(layer.base_weight) != entry.sha256:
+            raise FigureError(
+                f"the model rebuilt from {svf_file.parent}/config.json does not have the base weights this run was "
+                f"trained on (layer {name} differs from {svf_file.name}): were its backbone weights changed?"
+            )
 
 
 def test_dataset(config: RunConfig) -> FSSDataset:
