@@ -312,3 +312,90 @@ def test_drawing_without_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"pip install 'svftune\[plots\]'"):
         plots.plot_singular_value_changes(changes)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def plain_net() -> nn.Module:
+    """Factory for ``svftune plot-activations --model test_plots:plain_net`` (weights come from --weights)."""
+    return Net()
+
+
+@pytest.fixture
+def cli_files(tmp_path):
+    """Base weights (.pt and .safetensors), a checkpoint trained on them and an RGB image."""
+    import safetensors.torch
+
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    torch.manual_seed(5)
+    base = Net()
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in base.state_dict().items()}, tmp_path / "base.safetensors"
+    )
+    svftune.apply_svf(base, layers=["conv", "grouped", "head"])
+    with torch.no_grad():
+        for _, layer in svftune.svf_layers(base):
+            layer.S.add_(0.1 * torch.randn_like(layer.S))
+        base.grouped.S[1, 0] += 1.0  # the largest change of the model
+    svftune.save_svf(base, tmp_path / "ckpt.safetensors")
+    rng = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(20, 17, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    return tmp_path, base
+
+
+def test_cli_plot_changes(cli_files, capsys):
+    from svftune.cli import main
+
+    folder, _ = cli_files
+    out = folder / "changes.png"
+    assert main(["plot-changes", str(folder / "ckpt.safetensors"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "grouped, 9 singular values" in capsys.readouterr().out  # default: the layer with the largest change
+    args = ["plot-changes", str(folder / "ckpt.safetensors"), "--out", str(out), "--layer", "conv", "--by", "relative"]
+    assert main(args) == 1
+    assert "needs the pretrained singular values S0" in capsys.readouterr().err
+    for base in ("base.pt", "base.safetensors"):
+        assert main([*args, "--base", str(folder / base)]) == 0
+        assert "wrote" in capsys.readouterr().out
+    assert main(["plot-changes", str(folder / "ckpt.safetensors"), "--out", str(out), "--layer", "lift"]) == 1
+    assert "no SVF layer 'lift' in the checkpoint" in capsys.readouterr().err
+
+
+def test_cli_plot_changes_with_base_recovers_s0(cli_files):
+    """The base-rebuilt module (what --base uses) knows S0 and S exactly."""
+    from svftune.cli import base_model, read_state_dict
+
+    folder, model = cli_files
+    root = base_model(read_state_dict(folder / "base.pt"), svftune.read_svf(folder / "ckpt.safetensors"))
+    for name, layer in svftune.svf_layers(model):
+        rebuilt = root.get_submodule(name)
+        torch.testing.assert_close(rebuilt.S0, layer.S0, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rebuilt.S.detach(), layer.S.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_cli_plot_activations(cli_files, capsys):
+    from svftune.cli import main
+
+    folder, _ = cli_files
+    out = folder / "maps.png"
+    common = ["plot-activations", "--model", "test_plots:plain_net", "--weights", str(folder / "base.pt")]
+    common += ["--checkpoint", str(folder / "ckpt.safetensors"), "--out", str(out), "--size", "16"]
+    assert main([*common, "--layer", "grouped", "--image", str(folder / "photo.png"), "--top", "2"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "4 directions of grouped" in capsys.readouterr().out
+    assert main([*common, "--layer", "grouped", "--image", str(folder / "missing.png")]) == 1
+    assert "--image" in (err := capsys.readouterr().err) and "no such file" in err
+    assert main([*common, "--layer", "nope", "--image", str(folder / "photo.png")]) == 1
+    assert "no layer 'nope'; its SVF layers are: conv, grouped, head" in capsys.readouterr().err
+    assert main([*common, "--layer", "act", "--image", str(folder / "photo.png")]) == 1
+    assert "'act' is a ReLU, not an SVF layer" in capsys.readouterr().err
+    bad = [*common, "--layer", "conv", "--image", str(folder / "photo.png")]
+    bad[2] = "test_plots:nothing_here"
+    assert main(bad) == 1
+    assert "has no callable nothing_here" in capsys.readouterr().err
+    (folder / "notimage.png").write_text("hello")
+    assert main([*common, "--layer", "conv", "--image", str(folder / "notimage.png")]) == 1
+    assert "cannot read it as an image" in capsys.readouterr().err

@@ -3,6 +3,8 @@
     svftune inspect CHECKPOINT                 layers, counts, size, base fingerprints
     svftune merge BASE CHECKPOINT OUT          base weights + checkpoint -> plain merged weights file
     svftune diff CHECKPOINT [OTHER] [--png F]  largest singular-value changes per layer (table or bar chart)
+    svftune plot-changes CHECKPOINT --out F    one layer's largest changes as a picture (SVF paper Figure 6)
+    svftune plot-activations --model M ...     activation maps of the directions that grew / shrank most (Fig. 4-5)
 
 CHECKPOINT is a .safetensors file, a checkpoint directory or a Hub repo id (``--revision``). Nothing here
 unpickles a checkpoint; a ``.pt``/``.pth`` base weights file for ``merge`` is read with
@@ -12,6 +14,7 @@ unpickles a checkpoint; a ``.pt``/``.pth`` base weights file for ``merge`` is re
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from collections.abc import Sequence
@@ -21,8 +24,9 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from . import plots
 from .checkpoint import KINDS, SVFCheckpoint, SVFCheckpointError, atomic_write, load_svf, read_svf
-from .model import merge_svf
+from .model import merge_svf, svf_layers
 
 _SUMMARY_LAYERS = 60
 
@@ -33,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (SVFCheckpointError, ImportError, OSError) as err:
+    except (SVFCheckpointError, plots.PlotError, ImportError, OSError) as err:
         print(f"svftune {args.command}: error: {err}", file=sys.stderr)
         return 1
 
@@ -79,6 +83,44 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--layers", nargs="+", help="layers to chart (default: the 6 with the largest change)")
     diff.add_argument("--revision", help="Hub branch, tag or commit")
     diff.set_defaults(run=_diff)
+
+    changes = commands.add_parser("plot-changes", help="one layer's largest singular-value changes as a PNG (Fig. 6)")
+    changes.description = (
+        "Draw one layer's singular-value changes S - S0 (like Figure 6 of the SVF paper): all changes sorted, and "
+        "bars of the largest increases and decreases. A checkpoint holds only the changes; with --base (the base "
+        "weights it was trained on) the pretrained values S0 are recomputed, so the bars show S0 -> S and "
+        "--by relative ranks by (S - S0) / S0. Needs matplotlib."
+    )
+    changes.add_argument("checkpoint", help="a .safetensors file, a checkpoint directory or a Hub repo id")
+    changes.add_argument("--layer", help="the layer to draw (default: the one with the largest change)")
+    changes.add_argument("--out", required=True, help="PNG file to write")
+    changes.add_argument("--top", type=int, default=8, help="increases and decreases drawn as bars (default 8)")
+    changes.add_argument("--base", help="base state dict (.safetensors / .pt): adds S0, S and relative changes")
+    changes.add_argument("--prefix", default="", help="prefix of the layer names in the base file")
+    changes.add_argument("--by", choices=plots.RANKINGS, default="absolute", help="rank by S - S0 or relative")
+    changes.add_argument("--revision", help="Hub branch, tag or commit")
+    changes.set_defaults(run=_plot_changes)
+
+    acts = commands.add_parser("plot-activations", help="activation maps of singular directions for an image")
+    acts.description = (
+        "Draw, for one image, the activation maps |S_r v_r^T x| of the singular directions of one SVF layer whose "
+        "values grew and shrank most (Figures 4-5 of the SVF paper; the definition is in the svftune.plots "
+        "docs). The model is built by calling FACTORY() from MODULE (e.g. torchvision.models:mobilenet_v2), "
+        "loaded with --weights, and the checkpoint is applied with svftune.load_svf. The image is resized to "
+        "--size x --size and normalised with the ImageNet mean and std. Needs matplotlib (and pillow)."
+    )
+    acts.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="e.g. torchvision.models:resnet50")
+    acts.add_argument("--weights", help="state dict of the base model (.safetensors / .pt), loaded strictly")
+    acts.add_argument("--checkpoint", required=True, help="the singular-value checkpoint trained on that base")
+    acts.add_argument("--layer", required=True, help="the SVF layer's name in the model")
+    acts.add_argument("--image", required=True, help="an image file (PNG, JPEG, ...)")
+    acts.add_argument("--out", required=True, help="PNG file to write")
+    acts.add_argument("--size", type=int, default=224, help="side the image is resized to (default 224)")
+    acts.add_argument("--top", type=int, default=3, help="directions that grew and that shrank (default 3 each)")
+    acts.add_argument("--by", choices=plots.RANKINGS, default="absolute", help="rank by S - S0 or relative")
+    acts.add_argument("--no-normalize", dest="normalize", action="store_false", help="feed pixels in [0, 1]")
+    acts.add_argument("--revision", help="Hub branch, tag or commit")
+    acts.set_defaults(run=_plot_activations)
     return parser
 
 
@@ -179,6 +221,22 @@ def merge_state_dict(
     The adapted layers are rebuilt as plain modules around the state dict's tensors, so the base checks of
     :func:`svftune.load_svf` apply: another base raises :class:`SVFCheckpointError`.
     """
+    root = base_model(state, checkpoint, prefix=prefix, strict=strict)
+    merge_svf(root)
+    merged = dict(state)
+    for name, tensor in root.state_dict().items():
+        merged[f"{prefix}{name}"] = tensor.detach()
+    return merged
+
+
+def base_model(
+    state: dict[str, Tensor], checkpoint: SVFCheckpoint, *, prefix: str = "", strict: bool = True
+) -> nn.Module:
+    """A module holding just the checkpoint's layers, built around the base weights, with the checkpoint loaded.
+
+    Its SVF layers know ``S0`` (re-decomposed from ``state``) and ``S``; another base raises
+    :class:`SVFCheckpointError`, as :func:`svftune.load_svf` does.
+    """
     root = nn.Module()
     for name, entry in checkpoint.layers.items():
         key = f"{prefix}{name}.weight"
@@ -194,11 +252,7 @@ def merge_state_dict(
             if attr not in holder._parameters:
                 holder.register_parameter(attr, nn.Parameter(state[f"{prefix}{pname}"].clone(), requires_grad=False))
     load_svf(root, checkpoint, strict=strict)
-    merge_svf(root)
-    merged = dict(state)
-    for name, tensor in root.state_dict().items():
-        merged[f"{prefix}{name}"] = tensor.detach()
-    return merged
+    return root
 
 
 def _layer_around(kind: str, weight: Tensor, groups: int, bias: Tensor | None) -> nn.Module:
@@ -298,6 +352,91 @@ def _plot(changes: dict[str, Tensor], layers: list[str] | None, path: Path, titl
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+def _plot_changes(args: argparse.Namespace) -> int:
+    checkpoint = read_svf(args.checkpoint, revision=args.revision)
+    source: nn.Module | SVFCheckpoint = checkpoint
+    if args.base:
+        source = base_model(read_state_dict(Path(args.base)), checkpoint, prefix=args.prefix, strict=False)
+        missing = [name for name in checkpoint.layers if name not in dict(svf_layers(source))]
+        if args.layer in missing:
+            raise SVFCheckpointError(f"the base weights have no {args.prefix}{args.layer}.weight; check --prefix")
+    changes = plots.singular_value_changes(source, args.layer, by=args.by)
+    name = args.layer or max(changes, key=lambda n: float(changes[n].delta.abs().max()))
+    figure = plots.plot_singular_value_changes(
+        changes[name], top=args.top, title=f"{name} ({Path(args.checkpoint).name})"
+    )
+    plots.to_png(figure, args.out)
+    print(f"wrote {args.out}: {name}, {changes[name].total} singular values")
+    return 0
+
+
+def build_model(spec: str) -> nn.Module:
+    """``MODULE:FACTORY`` -> ``FACTORY()`` from the imported ``MODULE`` (e.g. ``torchvision.models:resnet50``)."""
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        raise plots.PlotError(f"--model {spec!r}: give MODULE:FACTORY, e.g. torchvision.models:mobilenet_v2")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise plots.PlotError(f"--model {spec!r}: cannot import {module_name}: {err}") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise plots.PlotError(f"--model {spec!r}: {module_name} has no callable {factory_name}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise plots.PlotError(f"--model {spec!r}: {factory_name}() returned a {type(model).__name__}, not a module")
+    return model
+
+
+def read_image(path: Path, size: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """``(pixels in [0, 1], model input)``, both ``(3, size, size)``; the input ImageNet-normalised if asked."""
+    if not path.is_file():
+        raise plots.PlotError(f"--image {path}: no such file")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError(
+            "reading --image needs pillow: pip install 'svftune[plots]' (or pip install pillow)"
+        ) from None
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    except Exception as err:
+        raise plots.PlotError(f"--image {path}: cannot read it as an image: {err}") from None
+    pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    pixels = pixels.permute(2, 0, 1).float() / 255.0
+    if not normalize:
+        return pixels, pixels.clone()
+    mean = torch.tensor([0.485, 0.456, 0.406]).reshape(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).reshape(3, 1, 1)
+    return pixels, (pixels - mean) / std
+
+
+def _plot_activations(args: argparse.Namespace) -> int:
+    if args.size < 1:
+        raise plots.PlotError("--size must be at least 1")
+    pixels, inputs = read_image(Path(args.image), args.size, args.normalize)
+    model = build_model(args.model)
+    if args.weights:
+        state = read_state_dict(Path(args.weights))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[:3]
+            raise plots.PlotError(f"--weights {args.weights} does not fit {args.model}: {' '.join(first)}") from None
+    load_svf(model, read_svf(args.checkpoint, revision=args.revision))
+    model.eval()
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        inputs = inputs.to(parameter.device, parameter.dtype)
+    maps = plots.subspace_activations(model, args.layer, inputs[None], top=args.top, by=args.by)
+    figure = plots.plot_subspace_activations(pixels, maps, title=f"{args.layer}: {Path(args.image).name}")
+    plots.to_png(figure, args.out)
+    print(f"wrote {args.out}: {len(maps.directions)} directions of {args.layer}")
+    return 0
 
 
 if __name__ == "__main__":

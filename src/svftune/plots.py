@@ -115,9 +115,11 @@ class LayerChanges:
         return int(self.delta.numel())
 
     def label(self, i: int) -> str:
-        """``"r"`` (one group) or ``"g:r"`` for entry ``i``."""
+        """``"r"`` (one group), ``"g"`` (one value per group, e.g. depthwise convs) or ``"g:r"`` for entry ``i``."""
         r = int(self.index[i])
-        return str(r) if self.groups == 1 else f"{int(self.group[i])}:{r}"
+        if self.groups == 1:
+            return str(r)
+        return str(int(self.group[i])) if self.rank == 1 else f"{int(self.group[i])}:{r}"
 
 
 def _rank_key(delta: Tensor, s0: Tensor | None, by: str) -> tuple[Tensor | None, Tensor]:
@@ -485,7 +487,8 @@ def plot_singular_value_changes(
     picks = [i for i in picks if values[i] != 0] or picks
     labels = []
     for i in picks:
-        text = ("r=" if changes.groups == 1 else "g:r=") + changes.label(i)
+        prefix = "r=" if changes.groups == 1 else "g=" if changes.rank == 1 else "g:r="
+        text = prefix + changes.label(i)
         if changes.s0 is not None:
             text += f"  {float(changes.s0[i]):.3g}->{float(changes.s[i]):.3g}"
         labels.append(text)
