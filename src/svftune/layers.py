@@ -4,7 +4,7 @@ Each weight is folded to ``(groups, out/groups, in/groups * prod(kernel))`` and 
 full thin SVD (rank ``R = min(out/groups, in/groups * prod(kernel))``, no truncation). ``U`` and ``Vh`` are
 frozen; ``S`` (one vector per group) is the only trainable tensor. Writing the weight as the original ``W``
 plus a correction that is exactly zero while ``S == S0`` makes an untouched layer bit-identical to the
-original, in every dtype, and lets :func:`svftune.unapply_svf` hand back the original weights unchanged.
+original, in every dtype, and lets ``svftune.unapply_svf`` hand back the original weights unchanged.
 
 Training can run one of two forms that compute the same function (see ``docs/concepts.md``):
 
@@ -64,6 +64,7 @@ def normalize_train(train: str) -> str:
 
 
 def normalize_form(form: str) -> str:
+    """Validate a training form name (one of ``FORMS``); raises ValueError otherwise."""
     if form not in FORMS:
         raise ValueError(f"form={form!r} is not valid: choose one of {', '.join(map(repr, FORMS))}")
     return form
@@ -121,10 +122,15 @@ class _ScaleProject(torch.autograd.Function):
         grad_x = grad_s = grad_bias = None
         if ctx.needs_input_grad[1]:
             accumulate = torch.promote_types(grad_t.dtype, torch.float32)  # half products, fp32 sums
-            grad_s = torch.sum(grad_t * z.detach().to(grad_t.dtype), sum_dims, dtype=accumulate)
-            grad_s = grad_s.reshape(s.shape).to(s.dtype)
+            if recompute and z.dtype == grad_t.dtype:
+                with torch.no_grad():  # the recomputed z is ours and its values are not needed again
+                    product = z.mul_(grad_t)
+            else:
+                product = grad_t * z.to(grad_t.dtype)
+            grad_s = torch.sum(product, sum_dims, dtype=accumulate).reshape(s.shape).to(s.dtype)
+            del product
         if x_needs_grad:
-            grad_z = grad_t * s_view.to(grad_t.dtype)
+            grad_z = grad_t.mul_(s_view.to(grad_t.dtype))  # grad_t is a fresh map: scale it in place
             # three-op: the Vh projection's own backward runs outside (autograd); lean: run it here
             grad_x = torch.autograd.grad(z, x, grad_z)[0] if recompute else grad_z
         if ctx.needs_input_grad[3]:
@@ -174,7 +180,40 @@ def _svf_class_for(module: nn.Module) -> type[SVFLayer] | None:
 
 
 def svf_layer_from(module: nn.Module, **kwargs: Any) -> SVFLayer:
-    """Build the matching SVF layer (SVFLinear, SVFConv1d/2d/3d) from a plain layer."""
+    """Build the SVF layer that matches a plain layer: SVFLinear, SVFConv1d, SVFConv2d or SVFConv3d.
+
+    Args:
+        module: an ``nn.Linear`` or ``nn.Conv1d``/``Conv2d``/``Conv3d`` (or a subclass that does not change the
+            computation). Its ``weight`` and ``bias`` Parameters are reused (and frozen), not copied.
+        **kwargs: passed to the layer: ``train``, ``form``, ``decompose`` (see ``SVFLayer``).
+
+    Returns:
+        The SVF layer; it computes exactly what ``module`` computed while its singular values are untouched.
+
+    Raises:
+        TypeError: ``module`` cannot be adapted (not a Linear/Conv, a transposed conv, a lazy module before its
+            first forward, a subclass overriding ``forward``, a parametrized layer, a layer with hooks or extra
+            parameters); the message says why.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> import svftune
+        >>> _ = torch.manual_seed(0)
+        >>> conv = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        >>> x = torch.randn(1, 8, 5, 5)
+        >>> reference = conv(x)
+        >>> layer = svftune.svf_layer_from(conv)
+        >>> type(layer).__name__, tuple(layer.S.shape)  # 4 groups of rank min(8/4, 8/4*3*3) = 2
+        ('SVFConv2d', (4, 2))
+        >>> with torch.no_grad():
+        ...     torch.equal(layer(x), reference)
+        True
+        >>> svftune.svf_layer_from(nn.ConvTranspose2d(3, 3, 3))
+        Traceback (most recent call last):
+            ...
+        TypeError: cannot apply SVF to this ConvTranspose2d: it is a transposed convolution, ...
+    """
     reason = unsupported_reason(module)
     if reason is not None:
         raise TypeError(f"cannot apply SVF to this {type(module).__name__}: it {reason}")
@@ -182,7 +221,20 @@ def svf_layer_from(module: nn.Module, **kwargs: Any) -> SVFLayer:
 
 
 class SVFLayer(nn.Module):
-    """Common machinery of the SVF layers; use :class:`SVFLinear` or :class:`SVFConv2d` (1d/3d)."""
+    """Common machinery of the SVF layers; use ``SVFLinear`` or ``SVFConv2d`` (1d/3d).
+
+    Attributes:
+        base_weight: the original weight ``Parameter`` (frozen), handed back by ``unapply_svf``.
+        bias: the original bias ``Parameter`` (frozen), or ``None``.
+        U: ``(groups, out/groups, R)`` left singular vectors; trains only when ``train`` contains ``"U"``.
+        S: ``(groups, R)`` singular values, the trained parameter (float32 for float16/bfloat16 layers).
+        Vh: ``(groups, R, fan_in)`` right singular vectors; trains only when ``train`` contains ``"V"``.
+        S0: buffer: ``S`` at decomposition time.
+        residual: ``W - U0 diag(S0) V0h`` when ``U`` or ``V`` trains, else ``None``.
+        groups: the layer's ``groups`` (1 for Linear).
+        train_factors: which factors train, e.g. ``"S"``.
+        form: the training form, ``"auto"``, ``"three_op"``, ``"rebuilt"`` or ``"lean"``; may be set per layer.
+    """
 
     base_type: ClassVar[type[nn.Module]]
     spatial_dims: ClassVar[int]  # 0 for Linear
@@ -200,9 +252,10 @@ class SVFLayer(nn.Module):
         Args:
             base: the layer to adapt; its ``weight``/``bias`` Parameters are reused, not copied.
             train: which factors train: ``"S"`` (default) or a combination of ``"U"``, ``"S"``, ``"V"``.
-            form: training form, ``"auto"``, ``"three_op"`` or ``"rebuilt"`` (see the module docstring).
+            form: training form, ``"auto"``, ``"three_op"``, ``"rebuilt"`` or ``"lean"`` (see the module
+                docstring).
             decompose: computes ``(U, S, Vh)`` of the ``(groups, out/groups, fan_in)`` weight matrices, as
-                :func:`svftune.thin_svd` (the default) does, e.g. from a decomposition cache.
+                ``svftune.thin_svd`` (the default) does, e.g. from a decomposition cache.
         """
         super().__init__()
         if not isinstance(base, self.base_type):
@@ -253,7 +306,26 @@ class SVFLayer(nn.Module):
 
     @classmethod
     def from_module(cls, base: nn.Module, **kwargs: Any) -> SVFLayer:
-        """Build from an existing layer (same as calling the class)."""
+        """Build from an existing layer (the same as calling the class).
+
+        Args:
+            base: the layer to adapt.
+            **kwargs: ``train``, ``form``, ``decompose``, as for the constructor.
+
+        Returns:
+            The SVF layer.
+
+        Examples:
+            >>> from torch import nn
+            >>> import svftune
+            >>> layer = svftune.SVFConv2d.from_module(nn.Conv2d(3, 16, 3), train="US")
+            >>> layer.rank, layer.train_factors, [name for name, p in layer.named_parameters() if p.requires_grad]
+            (16, 'US', ['U', 'S'])
+            >>> linear = nn.Linear(6, 4)
+            >>> layer = svftune.SVFLinear(linear, form="lean")
+            >>> layer.rank, layer.form, layer.base_weight is linear.weight
+            (4, 'lean', True)
+        """
         return cls(base, **kwargs)
 
     # ----------------------------------------------------------------------------------------- weights
@@ -311,6 +383,7 @@ class SVFLayer(nn.Module):
         return self._cache[1]
 
     def train(self, mode: bool = True) -> SVFLayer:
+        """Set training mode as ``nn.Module.train`` does; entering training mode also drops the cached weight."""
         if mode:
             self.__dict__["_cache"] = None
         return super().train(mode)
@@ -341,6 +414,13 @@ class SVFLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        """Apply the layer to ``x`` with the effective weight ``W + U diag(S - S0) Vh``.
+
+        Training forwards that need a gradient for the layer run its ``form`` (three-op, lean or rebuilt;
+        ``"auto"`` decides per call, see ``uses_three_op``). Eval-mode forwards with gradients use the rebuilt
+        weight. Forwards without gradients use one conv/linear with the rebuilt weight, cached until a factor
+        changes (exactly the original weight while ``S == S0``).
+        """
         if not self._weight_needs_grad():
             return self._apply_weight(x, self._cached_weight())
         if self.training and self.uses_three_op(x):  # eval + grad: rebuilt, exact while S == S0
@@ -373,6 +453,7 @@ class SVFLayer(nn.Module):
         return plain
 
     def extra_repr(self) -> str:
+        """Shown in the layer's repr: weight shape, groups, rank, trained factors and form."""
         shape = "x".join(map(str, self.base_weight.shape))
         return f"weight={shape}, groups={self.groups}, rank={self.rank}, train={self.train_factors}, form={self.form}"
 
@@ -382,7 +463,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class SVFLinear(SVFLayer):
-    """SVF version of :class:`torch.nn.Linear` (one group, rank ``min(out_features, in_features)``)."""
+    """SVF version of ``torch.nn.Linear`` (one group, rank ``min(out_features, in_features)``)."""
 
     base_type = nn.Linear
     spatial_dims = 0
@@ -410,21 +491,21 @@ class _SVFConvNd(SVFLayer):
 
 
 class SVFConv1d(_SVFConvNd):
-    """SVF version of :class:`torch.nn.Conv1d`, decomposed per group."""
+    """SVF version of ``torch.nn.Conv1d``, decomposed per group."""
 
     base_type = nn.Conv1d
     spatial_dims = 1
 
 
 class SVFConv2d(_SVFConvNd):
-    """SVF version of :class:`torch.nn.Conv2d`, decomposed per group (depthwise: one value per channel)."""
+    """SVF version of ``torch.nn.Conv2d``, decomposed per group (depthwise: one value per channel)."""
 
     base_type = nn.Conv2d
     spatial_dims = 2
 
 
 class SVFConv3d(_SVFConvNd):
-    """SVF version of :class:`torch.nn.Conv3d`, decomposed per group."""
+    """SVF version of ``torch.nn.Conv3d``, decomposed per group."""
 
     base_type = nn.Conv3d
     spatial_dims = 3
