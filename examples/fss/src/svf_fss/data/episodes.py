@@ -23,6 +23,8 @@ __all__ = ["BAM_TEST_SEEDS", "PAPER_TEST_EPISODES", "PAPER_TEST_SEED", "Episode"
 
 @dataclass(frozen=True)
 class Episode:
+    """One few-shot task: a query image, its class and the support images (ids are file stems)."""
+
     query: str  # image id (file stem)
     cls: int  # dataset class id (1-based)
     supports: tuple[str, ...]

@@ -30,6 +30,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``svf-fss train``: train one run (resuming from its folder), optionally test it, print the summary."""
     from .engine import test, train
 
     config = _config(args)
@@ -43,6 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_base(args: argparse.Namespace) -> int:
+    """``svf-fss train-base``: BAM stage 1, the PSPNet base learner of one fold."""
     from .engine import train_base_learner
 
     config = _config(args)
@@ -52,6 +54,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    """``svf-fss test``: evaluate a trained run's best or last checkpoint on every test seed."""
     from .engine import test
 
     config = _config(args)
@@ -82,6 +85,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    """``svf-fss table``: collect finished runs into the paper's table layout (Markdown)."""
     from .table import collect_runs, markdown_table
 
     text = markdown_table(collect_runs(args.runs, args.checkpoint), args.checkpoint)
@@ -92,6 +96,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_make_configs(args: argparse.Namespace) -> int:
+    """``svf-fss make-configs``: write the per-row config files."""
     from .configs import write_configs
 
     paths = write_configs(Path(args.out))
@@ -100,6 +105,7 @@ def cmd_make_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_mini_benchmark(args: argparse.Namespace) -> int:
+    """``svf-fss mini-benchmark``: the offline CPU comparison of frozen, SVF and full fine-tuning."""
     from .mini_benchmark import run_mini_benchmark
 
     run_mini_benchmark(Path(args.out), data_root=args.data, strategies=args.strategies.split(","), quick=args.quick)

@@ -183,4 +183,5 @@ def _coerce(config: RunConfig) -> None:
 
 
 def dump_config(config: RunConfig, path: Path) -> None:
+    """Write ``config`` as indented JSON (the ``config.json`` of a run folder)."""
     path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")

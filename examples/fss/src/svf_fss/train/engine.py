@@ -73,6 +73,7 @@ def build_datasets(config: RunConfig, test_seed: int | None = None) -> tuple[FSS
 
 
 def build_run_model(config: RunConfig) -> nn.Module:
+    """The FSS model a run config describes (method, backbone, strategy, weights), SVF applied if asked."""
     model_dataset = "coco" if config.dataset == "coco" else "pascal"
     return build_model(
         config.method,
@@ -142,6 +143,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_run_state(path: Path, model: nn.Module, optimizer, scaler, epoch: int, iteration: int, extra: dict) -> None:
+    """Atomically save what resuming needs (trainable tensors, optimizer, scaler, position, RNG states) and,
+    for SVF runs, the shareable singular-value file next to it."""
     state = {
         "trainable": trainable_state(model),
         "optimizer": optimizer.state_dict(),
@@ -437,6 +440,7 @@ def test(config: RunConfig, process: Process, which: str | None = None) -> dict[
 
 
 def iterate_folds(config: RunConfig, folds: list[int]) -> Iterator[RunConfig]:
+    """One copy of ``config`` per fold."""
     for fold in folds:
         yield dataclasses.replace(config, fold=fold)
 

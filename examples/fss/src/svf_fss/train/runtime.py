@@ -94,12 +94,14 @@ def lr_factor(schedule: str, iteration: int, total: int, power: float = 0.9) -> 
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
+    """Every random generator's state (Python, NumPy, torch CPU and CUDA), for checkpoints."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -107,6 +109,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states ``rng_state`` returned (CUDA only where available)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -162,6 +165,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def atomic_write_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_text(text)
