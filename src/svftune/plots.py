@@ -532,7 +532,7 @@ def plot_subspace_activations(
     *,
     sample: int = 0,
     overlay: bool = True,
-    alpha: float = 0.55,
+    alpha: float = 0.7,
     cmap: str = "inferno",
     title: str | None = None,
 ) -> Figure:

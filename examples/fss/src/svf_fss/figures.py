@@ -216,7 +216,7 @@ def plot_qualitative(records: list[dict[str, Any]], names: list[str]):
     if not records:
         raise FigureError("no episode to draw")
     columns = 3 + len(names)
-    fig = Figure(figsize=(1.75 * columns, 1.8 * len(records) + 0.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(1.5 * columns, 1.55 * len(records) + 0.2), dpi=100, layout="constrained")
     axes = fig.subplots(len(records), columns, squeeze=False)
     for row, record in zip(axes, records, strict=True):
         shots = f" (1 of {record['shots']})" if record["shots"] > 1 else ""
