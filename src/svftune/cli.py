@@ -219,7 +219,7 @@ def merge_state_dict(
     """``state`` with the checkpoint merged into its adapted layers (and its other trained tensors replaced).
 
     The adapted layers are rebuilt as plain modules around the state dict's tensors, so the base checks of
-    :func:`svftune.load_svf` apply: another base raises :class:`SVFCheckpointError`.
+    ``svftune.load_svf`` apply: another base raises ``SVFCheckpointError``.
     """
     root = base_model(state, checkpoint, prefix=prefix, strict=strict)
     merge_svf(root)
@@ -235,7 +235,7 @@ def base_model(
     """A module holding just the checkpoint's layers, built around the base weights, with the checkpoint loaded.
 
     Its SVF layers know ``S0`` (re-decomposed from ``state``) and ``S``; another base raises
-    :class:`SVFCheckpointError`, as :func:`svftune.load_svf` does.
+    ``SVFCheckpointError``, as ``svftune.load_svf`` does.
     """
     root = nn.Module()
     for name, entry in checkpoint.layers.items():

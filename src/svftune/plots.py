@@ -1,11 +1,11 @@
 """Pictures of what SVF changed: singular-value changes (the paper's Figure 6) and subspace activation maps
 (Figures 4-5).
 
-Computation and drawing are separate. :func:`singular_value_changes` and :func:`subspace_activations` return plain
-tensors (float64) that can be checked exactly; :func:`plot_singular_value_changes` and
-:func:`plot_subspace_activations` turn them into a :class:`matplotlib.figure.Figure`. Matplotlib is optional
+Computation and drawing are separate. ``singular_value_changes`` and ``subspace_activations`` return plain
+tensors (float64) that can be checked exactly; ``plot_singular_value_changes`` and
+``plot_subspace_activations`` turn them into a ``matplotlib.figure.Figure``. Matplotlib is optional
 (``pip install 'svftune[plots]'``) and only imported inside the drawing functions; they build figures with the
-object API (no ``pyplot`` global state), so they work in any backend, headless included::
+object API (no ``pyplot`` global state), so they work in any backend, headless included:
 
     from svftune import plots
 
@@ -193,15 +193,15 @@ def singular_value_changes(
     """The change of every singular value, per layer, sorted from the largest increase to the largest decrease.
 
     Args:
-        source: a model with SVF layers (``S0`` and ``S`` are known), or a checkpoint (:class:`SVFCheckpoint`,
-            or anything :func:`svftune.read_svf` reads), which holds only ``S - S0``.
+        source: a model with SVF layers (``S0`` and ``S`` are known), or a checkpoint (``SVFCheckpoint``,
+            or anything ``svftune.read_svf`` reads), which holds only ``S - S0``.
         layer: one layer name, several, or ``None`` for every SVF layer (model order).
         top: keep only the ``top`` largest increases and the ``top`` largest decreases of each layer
             (all values when ``2 * top`` reaches the layer's count); ``None`` keeps everything.
         by: ``"absolute"`` ranks by ``S - S0``, ``"relative"`` by ``(S - S0) / S0`` (needs a model).
 
     Returns:
-        layer name -> :class:`LayerChanges` (float64).
+        layer name -> ``LayerChanges`` (float64).
 
     Raises:
         PlotError: unknown layer (the message lists the SVF layers), bad ``top``/``by``.
@@ -366,7 +366,7 @@ def subspace_activations(
         signed: return ``S * v^T x`` instead of ``|S| * |v^T x|``.
 
     Returns:
-        :class:`SubspaceActivations` with float64 maps, grown directions first.
+        ``SubspaceActivations`` with float64 maps, grown directions first.
 
     Raises:
         PlotError: unknown or non-SVF layer, directions out of range, no singular value changed.
@@ -446,7 +446,7 @@ def plot_singular_value_changes(
     decreases, labelled ``r`` (or ``g:r``) and, when known, ``S0 -> S``.
 
     Args:
-        changes: one layer's :class:`LayerChanges`, or the dict :func:`singular_value_changes` returns.
+        changes: one layer's ``LayerChanges``, or the dict ``singular_value_changes`` returns.
         layer: which layer of the dict (default: its only one, or the one with the largest ``|change|``).
         top: how many increases and decreases get a bar.
         title: the figure title (default: the layer name).
@@ -545,7 +545,7 @@ def plot_subspace_activations(
     Args:
         image: the input shown, ``(3, H, W)``/``(H, W, 3)``/``(H, W)`` in [0, 1] (or 0-255), Tensor or array;
             give it un-normalised (the maps are computed from whatever the model was fed).
-        activations: from :func:`subspace_activations` of a 2-D conv layer.
+        activations: from ``subspace_activations`` of a 2-D conv layer.
         sample: which batch element of the maps to show.
         overlay: draw each map over a grey copy of the image (``False``: the map alone).
         alpha: opacity of an overlaid map.

@@ -10,7 +10,7 @@ activation maps (Figures 4-5).
   ``activations.png`` (the activation maps of the directions of that layer whose singular values grew and shrank
   most, for the query image of the first episode).
 
-Models are rebuilt as :func:`svf_fss.train.engine.test` does (``config.json`` + ``best.pt``/``last.pt``), episodes
+Models are rebuilt as ``svf_fss.train.engine.test`` does (``config.json`` + ``best.pt``/``last.pt``), episodes
 come from the run's test table (first test seed), and predictions are compared at original resolution.
 """
 
@@ -138,7 +138,7 @@ def _check_base(model: nn.Module, svf_file: Path) -> None:
 
 
 def test_dataset(config: RunConfig) -> FSSDataset:
-    """The run's test episodes (first test seed), as :func:`svf_fss.train.engine.test` builds them."""
+    """The run's test episodes (first test seed), as ``svf_fss.train.engine.test`` builds them."""
     from .train.engine import build_datasets
 
     return build_datasets(config, test_seed=config.test_seeds[0])[1]
@@ -273,9 +273,9 @@ def write_figures(
     Args:
         paths: run folders, or mini-benchmark folders (expanded to their strategy runs).
         out: output folder (created).
-        episodes: test episode indices to draw (default: :func:`default_episodes` with ``count``).
+        episodes: test episode indices to draw (default: ``default_episodes`` with ``count``).
         count: how many episodes by default.
-        layer: SVF layer for the singular-value figures (default: :func:`default_layer`).
+        layer: SVF layer for the singular-value figures (default: ``default_layer``).
         top: directions / bars per side (grew, shrank).
         by: ``"absolute"`` or ``"relative"`` change ranking.
         which: ``"best"`` or ``"last"`` checkpoint.
@@ -331,7 +331,7 @@ def write_figures(
 
 
 def cmd_figures(args) -> int:
-    """``svf-fss figures``: see :func:`write_figures`."""
+    """``svf-fss figures``: see ``write_figures``."""
     try:
         episodes = [int(e) for e in args.episodes.split(",")] if args.episodes else None
     except ValueError:
