@@ -319,10 +319,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _plot(changes: dict[str, Tensor], layers: list[str] | None, path: Path, title: str) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
             "svftune diff --png needs matplotlib: pip install 'svftune[plots]' (or pip install matplotlib)"
@@ -336,7 +333,8 @@ def _plot(changes: dict[str, Tensor], layers: list[str] | None, path: Path, titl
         layers = [name for name in changes if name in layers]  # keep model order
     columns = min(3, len(layers))
     rows = math.ceil(len(layers) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), squeeze=False)
+    figure = Figure(figsize=(4.2 * columns, 2.8 * rows))  # no pyplot: no global state, no GUI backend
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat[len(layers) :]:
         axis.set_visible(False)
     for axis, name in zip(axes.flat, layers, strict=False):
@@ -350,8 +348,7 @@ def _plot(changes: dict[str, Tensor], layers: list[str] | None, path: Path, titl
         axis.tick_params(labelsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.to_png(figure, path, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------------ pictures
