@@ -319,6 +319,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _plot(changes: dict[str, Tensor], layers: list[str] | None, path: Path, title: str) -> None:
     try:
+        import matplotlib  # noqa: F401  (the package itself: its submodules may be cached while it is gone)
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(

@@ -417,6 +417,7 @@ def subspace_activations(
 # ------------------------------------------------------------------------------------------------ drawing
 def _matplotlib() -> Any:
     try:
+        import matplotlib  # the package first: its submodules may be cached while it is gone
         import matplotlib.figure
     except ImportError:
         raise ImportError(
