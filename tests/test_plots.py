@@ -189,6 +189,25 @@ def test_activation_maps_match_an_independent_float64_computation(name, signed):
         assert acts.maps.shape == (2, len(pairs))
 
 
+def test_activation_maps_of_a_conv1d_with_stride_dilation_and_circular_padding():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode="circular"))
+    model = svftune.apply_svf(model.double()).eval()
+    layer = model[0]
+    with torch.no_grad():
+        layer.S.add_(0.1 * torch.randn_like(layer.S))
+    x = torch.randn(2, 4, 13, dtype=torch.float64)
+    acts = plots.subspace_activations(model, "0", x, top=2)
+    padded = F.pad(x, (2, 2), mode="circular")
+    patches = padded.unfold(2, 5, 2)[..., ::2]  # (N, C, L, 3): dilation 2 picks every second of 5
+    s, vh = layer.S.detach(), layer.Vh.detach()
+    for k, d in enumerate(acts.directions):
+        group_patches = patches[:, 2 * d.group : 2 * d.group + 2].permute(0, 2, 1, 3).reshape(2, patches.shape[2], -1)
+        ref = (group_patches @ vh[d.group, d.index] * s[d.group, d.index]).abs()
+        torch.testing.assert_close(acts.maps[:, k], ref, rtol=1e-12, atol=1e-12)
+    assert acts.maps.shape == (2, len(acts.directions), 7)
+
+
 def test_activation_maps_of_a_float32_model_are_computed_in_float64():
     model = make_model(torch.float32)
     x = torch.randn(1, 3, 9, 9)

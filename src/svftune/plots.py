@@ -63,6 +63,7 @@ __all__ = [
     "LayerChanges",
     "PlotError",
     "SubspaceActivations",
+    "capture_input",
     "plot_singular_value_changes",
     "plot_subspace_activations",
     "singular_value_changes",
