@@ -253,10 +253,13 @@ def test_autocast_training_step(form):
 
 
 # ------------------------------------------------------------------------------------------- lean form
-@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize(("autocast", "rebuilt_forward"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("name", ["conv2d_3x3", "conv2d_grouped", "conv1d", "mlp", "conv2d_reflect"])
-def test_lean_form_equals_three_op_bit_for_bit(name, autocast):
-    """Recomputing the Vh projection in the backward gives exactly the three-op form's outputs and gradients."""
+def test_lean_form_equals_three_op(name, autocast, rebuilt_forward, monkeypatch):
+    """Recomputing the Vh projection in the backward gives the three-op form's outputs and gradients: bit for
+    bit with the three-op forward (fp32 and bf16 autocast), to fp32 rounding with the rebuilt-weight forward
+    (two bf16 computations in different orders are not comparable at any useful tolerance)."""
+    monkeypatch.setattr(svftune.SVFLayer, "lean_forward_rebuilt", lambda self, x: rebuilt_forward)
     model, x = build_toy(name)
     svftune.apply_svf(model, form="three_op")
     perturb_singular_values(model)
@@ -271,8 +274,18 @@ def test_lean_form_equals_three_op_bit_for_bit(name, autocast):
         out.float().square().mean().backward()
         results[form] = (out, x_in.grad, [layer.S.grad.clone() for _, layer in svftune.svf_layers(model)])
     (out3, gx3, gs3), (outl, gxl, gsl) = results["three_op"], results["lean"]
-    assert torch.equal(out3, outl) and torch.equal(gx3, gxl)
-    assert all(torch.equal(a, b) for a, b in zip(gs3, gsl, strict=True))
+    if not rebuilt_forward:
+        assert torch.equal(out3, outl) and torch.equal(gx3, gxl)
+        assert all(torch.equal(a, b) for a, b in zip(gs3, gsl, strict=True))
+    else:
+        assert relative_error(outl, out3) < 1e-5 and relative_error(gxl, gx3) < 1e-5
+        assert all(relative_error(a, b) < 1e-5 for a, b in zip(gsl, gs3, strict=True))
+
+
+def test_lean_forward_uses_the_rebuilt_weight_when_cheaper():
+    layer = SVFConv2d(nn.Conv2d(64, 256, 1))  # 1x1 expansion: rank 64
+    assert layer.lean_forward_rebuilt(torch.randn(1, 64, 60, 60)), "many positions: one conv is cheaper"
+    assert not layer.lean_forward_rebuilt(torch.randn(1, 64, 4, 4)), "few positions: rebuilding W costs more"
 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:

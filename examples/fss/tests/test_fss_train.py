@@ -128,6 +128,24 @@ def test_smoke_train_and_test_every_method(mini_root, tmp_path, method):
     assert json.loads((out / "test_last.json").read_text())["episodes"] == 4
 
 
+def test_test_rebuilds_the_trained_backbone(mini_root, tmp_path, monkeypatch):
+    """A backbone without pretrained weights is random: test() must rebuild the one that was trained."""
+    from svf_fss.train import engine
+
+    import svftune
+
+    config = load_config(None, tiny(mini_root, tmp_path / "run", max_iterations=1))
+    assert config.backbone_weights is None
+    run_train(config, Process())
+    built = []
+    build = engine.build_run_model
+    monkeypatch.setattr(engine, "build_run_model", lambda c: built.append(build(c)) or built[-1])
+    torch.manual_seed(12345)  # whatever the global generator holds
+    run_test(config, Process(), which="last")
+    # load_svf checks every adapted layer's base-weight fingerprint and raises on a different backbone
+    svftune.load_svf(built[0], tmp_path / "run" / "last.svf.safetensors")
+
+
 def test_bam_stage1_base_learner_then_stage2(mini_root, tmp_path):
     from svf_fss.train.engine import train_base_learner
 

@@ -418,6 +418,9 @@ def test(config: RunConfig, process: Process, which: str | None = None) -> dict[
     path = out / (BEST_FILE if which == "best" else STATE_FILE)
     if not path.exists():
         raise FileNotFoundError(f"no {which} checkpoint at {path}: train this run first (svf-fss train ...)")
+    # seeded as rank 0 was when training built the model (DDP broadcast rank 0's weights): a backbone without
+    # pretrained weights gets the same random initialisation, so the saved trainable tensors fit it
+    seed_everything(config.seed)
     model = build_run_model(config).to(process.device)
     state = torch.load(path, map_location="cpu", weights_only=False)
     load_trainable(model, state["trainable"])
