@@ -36,6 +36,10 @@ from torch.nn.utils import parametrize
 from .decompose import thin_svd
 
 FORMS = ("auto", "three_op", "rebuilt", "lean")
+#: Cost of a weight-gradient multiply-add relative to a forward one in the ``form="auto"`` cost model. Measured
+#: on CPU (oneDNN): the rebuilt form's weight-gradient conv over a strided input runs slower than its count
+#: says (benchmarks/README.md, "Cost model"); 1.4 flips only the near-tie stride-2 1x1 downsample convs.
+WEIGHT_GRAD_COST = 1.4
 FACTORS = "USV"
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -71,32 +75,28 @@ def normalize_form(form: str) -> str:
 
 
 class _ScaleProject(torch.autograd.Function):
-    """``y = U diag(S) z + bias`` along the channel dimension, with ``z = layer._project(x)`` the ``Vh`` projection.
+    """``y = U diag(S) z + bias`` along the channel dimension, with ``z = project(x)`` the ``Vh`` projection.
 
     Autograd's own ``mul`` + ``conv`` pair would also save ``S * z``; this never computes a weight gradient and
-    keeps at most one map of ``R`` channels per layer. Three-op form (``lean=False``): the input already is ``z``
-    and is saved. Lean form: only ``x`` is saved, which the layer before keeps alive anyway, and ``z`` is
-    recomputed in the backward (under the forward's autocast state): one more ``Vh`` conv per step instead of an
-    ``R``-channel activation map per layer. As nothing of the forward is kept, the lean forward may instead run
-    one conv with the rebuilt weight (``forward_weight``) when that is cheaper; the backward is the same.
+    keeps at most one map of ``R`` channels per layer. With ``project=None`` (the three-op form) the input
+    already is ``z`` and is saved. With a ``project`` callable (the lean form) only ``x`` is saved, which the
+    layer before keeps alive anyway, and ``project`` runs again in the backward (under the forward's autocast
+    state): one more ``Vh`` conv per step instead of an ``R``-channel activation map per layer.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, u: Tensor, bias: Tensor | None, layer, lean: bool, forward_weight):
-        nd = layer.spatial_dims
-        if forward_weight is not None:
-            y = layer._apply_weight(x, forward_weight)
+    def forward(ctx, x: Tensor, s: Tensor, u: Tensor, bias: Tensor | None, nd: int, project) -> Tensor:
+        recompute = project is not None
+        z = project(x) if recompute else x
+        groups, out_per_group, rank = u.shape
+        scaled = u * s.to(u.dtype).unsqueeze(1)
+        if nd == 0:
+            y = F.linear(z, scaled[0], bias)
         else:
-            z = layer._project(x) if lean else x
-            groups, out_per_group, rank = u.shape
-            scaled = u * s.to(u.dtype).unsqueeze(1)
-            if nd == 0:
-                y = F.linear(z, scaled[0], bias)
-            else:
-                y = _CONV[nd](z, scaled.reshape(groups * out_per_group, rank, *(1,) * nd), bias, groups=groups)
-        ctx.save_for_backward(x, s, u)  # x is z in the three-op form
-        ctx.nd, ctx.layer, ctx.lean = nd, layer, lean
-        if lean:
+            y = _CONV[nd](z, scaled.reshape(groups * out_per_group, rank, *(1,) * nd), bias, groups=groups)
+        ctx.save_for_backward(x if recompute else z, s, u)
+        ctx.nd, ctx.project = nd, project
+        if recompute:
             ctx.autocast = _autocast_state(x.device.type)
         return y
 
@@ -115,12 +115,12 @@ class _ScaleProject(torch.autograd.Function):
             sum_dims = (0, *range(2, 2 + nd))
             s_view = s.reshape(1, groups * rank, *(1,) * nd)
         x_needs_grad = ctx.needs_input_grad[0]
-        recompute = ctx.lean
+        recompute = ctx.project is not None
         if recompute:
             device_type, enabled, dtype = ctx.autocast
             with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
                 x = saved.detach().requires_grad_(x_needs_grad)
-                z = ctx.layer._project(x)
+                z = ctx.project(x)
         else:
             z = saved
         grad_x = grad_s = grad_bias = None
@@ -139,7 +139,7 @@ class _ScaleProject(torch.autograd.Function):
             grad_x = torch.autograd.grad(z, x, grad_z)[0] if recompute else grad_z
         if ctx.needs_input_grad[3]:
             grad_bias = grad_y.sum(sum_dims)
-        return grad_x, grad_s, None, grad_bias, None, None, None
+        return grad_x, grad_s, None, grad_bias, None, None
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -410,23 +410,9 @@ class SVFLayer(nn.Module):
         input_grad = int(x.requires_grad)
         # multiply-adds of forward + backward (see module docstring and docs/concepts.md)
         three_op = positions * groups * rank * (fan_in * (1 + input_grad) + 2 * out_per_group)
-        rebuilt = positions * groups * out_per_group * fan_in * (2 + input_grad)
+        rebuilt = positions * groups * out_per_group * fan_in * (1 + WEIGHT_GRAD_COST + input_grad)
         rebuilt += 2 * groups * out_per_group * rank * fan_in  # rebuilding W and projecting dW onto S
         return three_op < rebuilt
-
-    def lean_forward_rebuilt(self, x: Tensor) -> bool:
-        """Whether the lean form's forward on ``x`` is cheaper as one conv with the rebuilt weight.
-
-        The lean backward recomputes the ``Vh`` projection either way, so only forward multiply-adds count:
-        ``R (n + o)`` per output position for the two convs against ``o n`` for one, plus ``o R n`` once to
-        rebuild the weight (``n`` = fan-in, ``o`` = out channels per group).
-        """
-        _, out_per_group, rank = self.U.shape
-        fan_in = self.Vh.shape[-1]
-        positions = self._output_positions(x)
-        three_op = positions * rank * (fan_in + out_per_group)
-        rebuilt = (positions + rank) * out_per_group * fan_in
-        return rebuilt < three_op
 
     def _output_positions(self, x: Tensor) -> int:
         raise NotImplementedError
@@ -442,13 +428,9 @@ class SVFLayer(nn.Module):
         if not self._weight_needs_grad():
             return self._apply_weight(x, self._cached_weight())
         if self.training and self.uses_three_op(x):  # eval + grad: rebuilt, exact while S == S0
-            if self.form != "lean":
-                return _ScaleProject.apply(self._project(x), self.S, self.U, self.bias, self, False, None)
-            weight = None
-            if self.lean_forward_rebuilt(x):
-                with torch.no_grad():
-                    weight = self.effective_weight().to(self.base_weight.dtype)
-            return _ScaleProject.apply(x, self.S, self.U, self.bias, self, True, weight)
+            if self.form == "lean":
+                return _ScaleProject.apply(x, self.S, self.U, self.bias, self.spatial_dims, self._project)
+            return _ScaleProject.apply(self._project(x), self.S, self.U, self.bias, self.spatial_dims, None)
         return self._apply_weight(x, self.effective_weight().to(self.base_weight.dtype))
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: bool = True) -> Tensor:
