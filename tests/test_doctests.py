@@ -37,7 +37,6 @@ WITH_EXAMPLES = [
     "set_adapter",
     "mix_adapters",
     "disable_adapter",
-    "list_adapters",
     "DecompositionCache",
     "SVFConfig",
 ]

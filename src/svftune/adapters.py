@@ -175,25 +175,7 @@ def list_adapters(model: nn.Module) -> list[str]:
         The names (empty when no adapter was loaded, or after ``merge_svf`` / ``unapply_svf``).
 
     Examples:
-        >>> import os, tempfile
-        >>> import torch
-        >>> from torch import nn
-        >>> import svftune
-        >>> def base():
-        ...     torch.manual_seed(0)
-        ...     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> tmp = tempfile.TemporaryDirectory()
-        >>> for name, scale in [("a", 1.2), ("b", 1.4)]:  # two "trained" checkpoints of the same base
-        ...     trained = svftune.apply_svf(base())
-        ...     with torch.no_grad():
-        ...         _ = trained[0].S.mul_(scale)
-        ...     _ = svftune.save_svf(trained, os.path.join(tmp.name, f"{name}.safetensors"))
-        >>> model = base()
-        >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "a.safetensors"), adapter_name="a")
-        >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "b.safetensors"), adapter_name="b")
-        >>> svftune.list_adapters(model)
-        ['a', 'b']
-        >>> tmp.cleanup()
+        See ``set_adapter``, whose example loads two adapters and lists them.
     """
     adapters = _adapter_set(model)
     return list(adapters.adapters) if adapters else []
@@ -244,8 +226,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
         >>> model = base()
         >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "a.safetensors"), adapter_name="a")
         >>> _ = svftune.load_svf(model, os.path.join(tmp.name, "b.safetensors"), adapter_name="b")
-        >>> svftune.active_adapter(model)  # the last one loaded
-        'b'
+        >>> svftune.list_adapters(model), svftune.active_adapter(model)  # the last one loaded is active
+        (['a', 'b'], 'b')
         >>> svftune.set_adapter(model, "a")
         >>> svftune.active_adapter(model), torch.allclose(model[0].S, 1.2 * model[0].S0)
         ('a', True)
