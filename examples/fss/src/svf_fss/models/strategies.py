@@ -136,7 +136,7 @@ def apply_strategy(
             copy of the backbone for its base learner first).
         strategy: see the module docstring.
         layers, conv_kind: override the stages / conv kind of ``strategy``.
-        form: svftune training form (``"auto"``, ``"three_op"``, ``"rebuilt"``).
+        form: svftune training form (``"auto"``, ``"three_op"``, ``"rebuilt"``, ``"lean"``).
         adapter_reduction: hidden-channel reduction of the residual adapters.
 
     Returns:
