@@ -227,3 +227,5 @@ def test_mini_benchmark_quick(mini_root, tmp_path):
     assert "| svf |" in (tmp_path / "results.md").read_text()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "results.png").stat().st_size > 1000
+    for name in ("qualitative.png", "sv_changes.png", "activations.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 1000, name

@@ -2,7 +2,8 @@
 
 One command generates the mini dataset (Pascal layout, 20 classes) if needed, trains the baseline method on fold 0,
 1-shot, once per backbone strategy with the same seed, schedule and episodes, evaluates each on the same test
-episode table, prints the comparison, and writes ``results.json``, ``results.md`` and ``results.png``.
+episode table, prints the comparison, and writes ``results.json``, ``results.md``, ``results.png`` and the
+pictures of ``svf-fss figures`` under ``figures/``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,20 @@ def run_mini_benchmark(
     plot = _plot(records, out / "results.png")
     if plot:
         print(f"plot: {plot}")
+    _figures(out)
     return records
+
+
+def _figures(out: Path) -> None:
+    """The pictures of ``svf-fss figures`` (qualitative results, Figures 4-6) under ``out/figures``."""
+    from ..figures import write_figures
+
+    try:
+        written = write_figures([out], out / "figures", dpi=80)
+    except ImportError as err:  # matplotlib is optional: the results above are complete without pictures
+        print(f"note: no figures written ({err})")
+        return
+    print("figures: " + ", ".join(str(path) for path in written))
 
 
 def _markdown(records: list[dict[str, Any]]) -> str:
