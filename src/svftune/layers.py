@@ -14,7 +14,8 @@ Training can run one of two forms that compute the same function (see ``docs/con
   gradient.
 - ``"lean"``: the three-op form, but ``z`` is not saved: the backward recomputes it from the layer input (kept
   alive by the layer before anyway). One more ``Vh`` conv per step; no activation memory of its own, so a
-  step's peak memory stays at or below that of fine-tuning the same weights directly. Never chosen by "auto".
+  step's peak memory is about that of fine-tuning the same weights directly (benchmarks/README.md). Never
+  chosen by "auto".
 
 ``form="auto"`` picks per training call from the multiply-add counts of the actual input. Eval-mode forwards use
 the rebuilt weight (exactly ``W`` while ``S == S0``); forwards that need no gradient for the layer use one conv
