@@ -318,13 +318,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _plot(changes: dict[str, Tensor], layers: list[str] | None, path: Path, title: str) -> None:
-    try:
-        import matplotlib  # noqa: F401  (the package itself: its submodules may be cached while it is gone)
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(
-            "svftune diff --png needs matplotlib: pip install 'svftune[plots]' (or pip install matplotlib)"
-        ) from None
+    Figure = plots._matplotlib().Figure  # the one place that imports matplotlib and says how to install it
     if layers:
         unknown = [name for name in layers if name not in changes]
         if unknown:

@@ -32,7 +32,6 @@ from svftune import plots
 from .data import IMAGENET_MEAN, IMAGENET_STD, FSSDataset, binary_mask, to_original_size
 from .data.errors import DataError
 from .train.config import RunConfig, load_config
-from .train.runtime import seed_everything
 
 STRATEGY_ORDER = ("frozen", "svf", "full")
 FOREGROUND = np.array([0.1, 0.85, 0.2])  # mask / ground truth colour
@@ -98,7 +97,7 @@ def _data_root(config: RunConfig, folder: Path, data: str | None) -> str:
 
 def load_run(folder: str | Path, which: str = "best", data: str | None = None) -> Run:
     """Rebuild a trained run's model from its folder (``config.json`` + ``best.pt`` or ``last.pt``), on the CPU."""
-    from .train.engine import BEST_FILE, STATE_FILE, build_run_model, load_trainable
+    from .train.engine import BEST_FILE, STATE_FILE, rebuild_trained
 
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -111,10 +110,7 @@ def load_run(folder: str | Path, which: str = "best", data: str | None = None) -
     path = folder / (BEST_FILE if which == "best" else STATE_FILE)
     if not path.is_file():
         raise FigureError(f"no {which} checkpoint at {path}: train this run first")
-    seed_everything(config.seed)  # as training did: a backbone without pretrained weights is initialised alike
-    model = build_run_model(config)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    load_trainable(model, state["trainable"])
+    model, _ = rebuild_trained(config, path)
     model.eval()
     _check_base(model, path.with_suffix(".svf.safetensors"))
     return Run(config.strategy if folder.name == config.strategy else folder.name, folder, config, model)
@@ -128,8 +124,9 @@ def _check_base(model: nn.Module, svf_file: Path) -> None:
     from svftune.fingerprint import weight_sha256
 
     checkpoint = svftune.read_svf(svf_file)
+    layers = dict(svftune.svf_layers(model))
     for name, entry in checkpoint.layers.items():
-        layer = dict(svftune.svf_layers(model)).get(name)
+        layer = layers.get(name)
         if layer is None or weight_sha256(layer.base_weight) != entry.sha256:
             raise FigureError(
                 f"the model rebuilt from {svf_file.parent}/config.json does not have the base weights this run was "

@@ -411,6 +411,17 @@ def train(config: RunConfig, process: Process) -> dict[str, Any]:
     return summary
 
 
+def rebuild_trained(config: RunConfig, path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A run's model on the CPU with the trainable tensors of its saved state ``path``, and that state."""
+    # seeded as rank 0 was when training built the model (DDP broadcast rank 0's weights): a backbone without
+    # pretrained weights gets the same random initialisation, so the saved trainable tensors fit it
+    seed_everything(config.seed)
+    model = build_run_model(config)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_trainable(model, state["trainable"])
+    return model, state
+
+
 def test(config: RunConfig, process: Process, which: str | None = None) -> dict[str, Any]:
     """Evaluate a trained run's best or last checkpoint on the test episodes, once per test seed."""
     out = config.output_dir()
@@ -418,12 +429,8 @@ def test(config: RunConfig, process: Process, which: str | None = None) -> dict[
     path = out / (BEST_FILE if which == "best" else STATE_FILE)
     if not path.exists():
         raise FileNotFoundError(f"no {which} checkpoint at {path}: train this run first (svf-fss train ...)")
-    # seeded as rank 0 was when training built the model (DDP broadcast rank 0's weights): a backbone without
-    # pretrained weights gets the same random initialisation, so the saved trainable tensors fit it
-    seed_everything(config.seed)
-    model = build_run_model(config).to(process.device)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    load_trainable(model, state["trainable"])
+    model, state = rebuild_trained(config, path)
+    model.to(process.device)
     results = []
     for seed in config.test_seeds:
         _, test_set = build_datasets(config, test_seed=seed)
