@@ -1,4 +1,4 @@
-"""``svf-fss train | test | reproduce | table | make-configs | mini-benchmark`` subcommands."""
+"""``svf-fss train | test | reproduce | table | make-configs | mini-benchmark | study`` subcommands."""
 
 from __future__ import annotations
 
@@ -112,6 +112,38 @@ def cmd_mini_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers such as 0,1,2,3, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(";" if ":" in text else ",") if t.strip()]
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """``svf-fss study``: every fold x seed x strategy on the mini data, resumable, with confidence intervals."""
+    from .study import StudyPlan, run_study
+
+    options = {}
+    if args.quick:  # CI: 2 folds x 1 seed x 2 strategies x a few iterations, probe on SVF only
+        options = {"folds": [0, 1], "seeds": [321], "strategies": ["frozen", "svf"], "long_strategies": ["svf"]}
+    for key in ("folds", "seeds", "long_seeds"):
+        if getattr(args, key) is not None:
+            options[key] = _ints(getattr(args, key))
+    for key in ("strategies", "long_strategies"):
+        if getattr(args, key) is not None:
+            options[key] = _names(getattr(args, key))
+    if args.long_factor is not None:
+        options["long_factor"] = args.long_factor
+    plan = StudyPlan(quick=args.quick, **options)
+    run_study(Path(args.out), plan, data_root=args.data, threads=args.threads, keep_checkpoints=args.keep_checkpoints)
+    print(f"report: {Path(args.out) / 'results.md'} (records: {Path(args.out) / 'records.jsonl'})")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the training subcommands to the ``svf-fss`` parser."""
     p = sub.add_parser("train", help="train one run (resumes from its folder's last checkpoint)")
@@ -149,6 +181,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategies", default="frozen,svf,full")
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     p.set_defaults(func=cmd_mini_benchmark)
+
+    p = sub.add_parser(
+        "study", help="frozen vs SVF vs full fine-tuning vs LoRA over folds x seeds, with confidence intervals"
+    )
+    p.description = (
+        "Run the mini benchmark's settings for every fold x seed x strategy, then a longer schedule for some "
+        "strategies (overfitting probe). Each finished run is appended to OUT/records.jsonl; run the same command "
+        "again to resume. OUT/results.md, results.png, summary.json and records.csv are rewritten after every run."
+    )
+    p.add_argument("--out", default="runs/study", help="study folder: records, report, runs (default runs/study)")
+    p.add_argument("--data", default=None, help="mini dataset folder (generated under OUT/data if missing)")
+    p.add_argument("--folds", default=None, help="comma-separated folds (default 0,1,2,3)")
+    p.add_argument("--seeds", default=None, help="comma-separated training seeds (default 321,322,323)")
+    p.add_argument(
+        "--strategies",
+        default=None,
+        help="comma-separated strategies (default frozen,svf,full,lora; ';' if any has ':')",
+    )
+    p.add_argument(
+        "--long-factor", type=int, default=None, help="probe schedule = this x the epochs (default 3; 1: off)"
+    )
+    p.add_argument("--long-strategies", default=None, help="strategies of the longer-schedule probe (default svf,full)")
+    p.add_argument("--long-seeds", default=None, help="seeds of the probe (default 321)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 when other jobs share the cores)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's last.pt / best.pt")
+    p.add_argument("--quick", action="store_true", help="CI smoke test: 2 folds x 1 seed x frozen,svf x 3 iterations")
+    p.set_defaults(func=cmd_study)
 
 
 __all__ = ["ConfigError", "register"]

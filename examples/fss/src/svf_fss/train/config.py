@@ -39,6 +39,7 @@ class RunConfig:
     strategy_layers: list[str] | None = None  # stages the strategy acts on (default: its own, SVF: layer2-4)
     conv_kind: str | None = None  # partial fine-tuning by conv kind: "3x3" or "1x1"
     svf_form: str = "auto"
+    lora_lr_scale: float | None = None  # strategy "lora": lr scale of the LoRA factors (default: lr/10, like SVF's S)
     base_learner: str | None = None  # BAM: the stage-1 PSPNet checkpoint
     trick: bool = True  # the dataset trick (dagger in the tables)
     # optimisation
@@ -85,6 +86,7 @@ class RunConfig:
             (self.test_checkpoint in CHECKPOINT_CHOICES, "test_checkpoint must be best or last"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
+            (self.lora_lr_scale is None or self.lora_lr_scale > 0, "lora_lr_scale must be > 0"),
             (self.val_every >= 1, "val_every must be >= 1"),
             (self.max_iterations is None or self.max_iterations >= 1, "max_iterations must be >= 1"),
             (bool(self.test_seeds), "test_seeds must list at least one seed"),

@@ -96,7 +96,10 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.SGD:
     for group in model.param_groups():
         params = [p for p in group["params"] if p.requires_grad]
         if params:
-            groups.append({"params": params, "name": group["name"], "lr_scale": group.get("lr_scale", 1.0)})
+            scale = group.get("lr_scale", 1.0)
+            if group["name"] == "lora" and config.lora_lr_scale is not None:
+                scale = config.lora_lr_scale
+            groups.append({"params": params, "name": group["name"], "lr_scale": scale})
     if not groups:
         raise ValueError("nothing to train: the model has no trainable parameter")
     for group in groups:
@@ -405,7 +408,15 @@ def train(config: RunConfig, process: Process) -> dict[str, Any]:
     finally:
         log.close()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    summary = {"best": best, "last": last_eval, "iterations": iteration, "trainable": trainable, "output": str(out)}
+    by_group = {g["name"]: sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
+    summary = {
+        "best": best,
+        "last": last_eval,
+        "iterations": iteration,
+        "trainable": trainable,
+        "trainable_groups": by_group,
+        "output": str(out),
+    }
     if process.is_main:
         atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "train_summary.json")
     return summary
