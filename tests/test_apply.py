@@ -356,7 +356,7 @@ def test_error_bad_arguments():
     assert "form='fast'" in error_message(ValueError, svftune.apply_svf, make_net(), form="fast")
     assert "expects a torch.nn.Module" in error_message(TypeError, svftune.apply_svf, "resnet50")
     assert "bare Conv2d" in error_message(ValueError, svftune.apply_svf, nn.Conv2d(3, 4, 3))
-    assert "wraps an nn.Conv2d" in error_message(TypeError, SVFConv2d, nn.Linear(3, 4))
+    assert "SVFConv2d wraps a Conv2d, got Linear" in error_message(TypeError, SVFConv2d, nn.Linear(3, 4))
 
 
 def test_error_applying_twice():

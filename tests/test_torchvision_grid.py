@@ -9,7 +9,8 @@ c. SGD steps change the singular values ``S`` and nothing else (every other stat
 d. ``merge_svf`` gives plain layers of the original classes whose output matches within fp32 ``RTOL_MERGE``;
 e. ``unapply_svf`` restores every original tensor bit for bit, the module classes and the ``requires_grad`` flags.
 
-Relative errors are ``||actual - expected|| / ||expected||`` (Frobenius). Models are built with ``num_classes=10``
+The checks are the shared ones of checks.py; relative errors are ``||actual - expected|| / ||expected||``
+(Frobenius, float64). Models are built with ``num_classes=10``
 (the 1000-way heads only add decomposition time) and get non-trivial constants first: random BatchNorm running
 statistics (train-mode forwards on random data), random norm affines, biases and ConvNeXt layer scales.
 """
@@ -23,12 +24,19 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import (
+    check_eval_exact_at_init,
+    check_merge,
+    check_only_s_trains,
+    check_train_close,
+    check_unapply,
+    relative_error,
+)
 from torch import Tensor, nn
 from torchvision import models
-from toys import perturb_singular_values, relative_error
+from toys import perturb_singular_values
 
 import svftune
-from svftune.layers import SVFLayer
 
 RTOL_TRAIN_FP64 = 1e-10
 # fp32 outputs that are not bit-identical by construction. Random-weight networks amplify rounding: the plain fp32
@@ -137,14 +145,6 @@ def case(request) -> Case:
     return result
 
 
-def _requires_grad(model: nn.Module) -> dict[str, bool]:
-    return {name: p.requires_grad for name, p in model.named_parameters()}
-
-
-def _classes(model: nn.Module) -> dict[str, type]:
-    return {name: type(m) for name, m in model.named_modules()}
-
-
 def _adapted_names(case: Case) -> list[str]:
     exclude = set(case.family.exclude or [])
     return [
@@ -173,12 +173,7 @@ def test_eval_bit_identical_at_init(case):
     assert [name for name, _ in layers] == _adapted_names(case)
     assert all(not p.requires_grad for n, p in case.svf.named_parameters() if not n.endswith(".S"))
     x = case.inputs(seed=1)
-    case.original.eval()
-    case.svf.eval()
-    with torch.no_grad():
-        expected = case.original(x)
-        assert torch.equal(case.svf(x), expected)
-    assert expected.abs().max() > 0 and torch.isfinite(expected).all()
+    check_eval_exact_at_init(case.original, case.svf, x)
     # With autograd on, eval forwards rebuild W + U diag(S - S0) Vh, which is exactly W while S == S0. The reference
     # runs under autograd with gradients on the same weights: nn.MultiheadAttention picks its kernels from that
     # (fast path under no_grad, another rounding when in_proj_weight requires grad).
@@ -194,11 +189,6 @@ def _train_reference(model: nn.Module) -> nn.Module:
     return reference.train()
 
 
-def _seeded(model: nn.Module, x: Tensor, seed: int = 1234) -> Tensor:
-    torch.manual_seed(seed)  # dropout and stochastic depth draw the same masks in both models
-    return model(x)
-
-
 def test_train_mode_matches_frozen_bn_reference_float64(case):
     original = copy.deepcopy(case.original).double()  # the float64 model before apply_svf
     svf = case.apply(copy.deepcopy(original), form="three_op")
@@ -207,13 +197,12 @@ def test_train_mode_matches_frozen_bn_reference_float64(case):
     assert all(not m.training for m in svf.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     ran, handles = _count_three_op(svf)
     x = case.inputs(seed=2, dtype=torch.float64)
-    out = _seeded(svf, x)
-    expected = _seeded(reference, x)
+    out = check_train_close(svf, reference, x, RTOL_TRAIN_FP64)
+    torch.manual_seed(1234)
+    expected = reference(x)  # again, for its gradient below (same seed: the same output)
     for handle in handles:
         handle.remove()
     assert ran and all(ran.values()), "form='three_op' must run the three-op path on every forward() call"
-    error = relative_error(out, expected)
-    assert error <= RTOL_TRAIN_FP64, f"{case.name}: float64 train-mode relative error {error:.2e}"
 
     # The gradient of S is the projection of the weight gradient on the singular vectors: dS_r = u_r^T dW v_r.
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
@@ -237,98 +226,37 @@ def test_train_mode_matches_frozen_bn_reference_fp32(case):
     reference = _train_reference(case.original)
     case.svf.train()
     ran, handles = _count_three_op(case.svf)
-    x = case.inputs(seed=3)
-    out = _seeded(case.svf, x)
-    expected = _seeded(reference, x)
+    check_train_close(case.svf, reference, case.inputs(seed=3), RTOL_TRAIN_FP32)
     for handle in handles:
         handle.remove()
     assert any(ran.values()), "form='auto' chose the rebuilt form everywhere, so the three-op path went untested"
-    error = relative_error(out, expected)
-    assert error <= RTOL_TRAIN_FP32, f"{case.name}: fp32 train-mode relative error {error:.2e}"
 
 
 def test_sgd_changes_only_singular_values(case):
-    model = copy.deepcopy(case.svf).train()
-    s_names = {f"{name}.S" for name, _ in svftune.svf_layers(model)}
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == s_names
-    before = {key: value.clone() for key, value in model.state_dict().items()}
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=1e-2)
     generator = torch.Generator().manual_seed(7)
-    for step in range(SGD_STEPS):
+
+    def loss(model: nn.Module, step: int) -> Tensor:
         out = model(case.inputs(seed=10 + step))
-        loss = F.cross_entropy(out, torch.randint(0, out.shape[1], (out.shape[0],), generator=generator))
-        assert torch.isfinite(loss)
-        optimizer.zero_grad()
-        loss.backward()
-        for name, p in model.named_parameters():
-            # Not checked nonzero: stochastic depth may drop a whole branch for the batch (values of S's gradient
-            # are checked against the plain model's weight gradient in the float64 test).
-            assert (p.grad is not None and torch.isfinite(p.grad).all()) if name in s_names else p.grad is None, name
-        # Random-weight nets amplify gradients (up to 1e3 here); clipping keeps three steps finite.
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, value in before.items():
-        if key not in s_names:
-            assert torch.equal(after[key], value), f"{key} changed although only S trains"
-    changed = [key for key in s_names if not torch.equal(after[key], before[key])]
-    assert len(changed) >= len(s_names) // 2, f"only {len(changed)} of {len(s_names)} S tensors moved"
+        return F.cross_entropy(out, torch.randint(0, out.shape[1], (out.shape[0],), generator=generator))
 
-
-def _rebuilt_float64(layer: SVFLayer) -> Tensor:
-    """W + U diag(S - S0) Vh from the layer's stored tensors, in float64."""
-    u, vh, delta = layer.U.double(), layer.Vh.double(), (layer.S.double() - layer.S0.double())
-    return layer.base_weight.double() + ((u * delta.unsqueeze(1)) @ vh).reshape(layer.base_weight.shape)
+    check_only_s_trains(copy.deepcopy(case.svf), loss, steps=SGD_STEPS)
 
 
 def test_merge_matches_unmerged_and_gives_plain_layers(case):
     model = copy.deepcopy(case.svf)
     perturb_singular_values(model, scale=0.1, seed=3)
     x = case.inputs(seed=4)
-    model.eval()
     with torch.no_grad():
-        unmerged = model(x)
-        original_out = case.original.eval()(x)
-    assert relative_error(unmerged, original_out) > 1e-3, "the perturbation must change the output"
-    exact = {name: _rebuilt_float64(layer) for name, layer in svftune.svf_layers(model)}
-    merged = svftune.merge_svf(model)
-    assert not any(isinstance(m, SVFLayer) for m in merged.modules())
-    assert _classes(merged) == _classes(case.original)
-    assert _requires_grad(merged) == _requires_grad(case.original)
-    assert merged.state_dict().keys() == case.original.state_dict().keys()
-    original_state = case.original.state_dict()
-    assert sorted(exact) == sorted(_adapted_names(case))
-    for name, expected_weight in exact.items():
+        changed = relative_error(model.eval()(x), case.original.eval()(x))
+    assert changed > 1e-3, "the perturbation must change the output"
+    merged = check_merge(model, case.original, x, RTOL_MERGE)
+    assert sorted(name for name, _ in svftune.svf_layers(model)) == sorted(_adapted_names(case))
+    for name in _adapted_names(case):
         weight = merged.get_submodule(name).weight
-        assert weight.dtype == original_state[f"{name}.weight"].dtype
-        assert not torch.equal(weight, original_state[f"{name}.weight"]), f"{name}: merged weight is the original"
-        # Rebuilt in float64 and rounded once: within half an fp32 ulp (2**-24 relative) of the exact weight.
-        bound = 2.0**-24 * expected_weight.abs() + 1e-12 * expected_weight.abs().max()
-        assert ((weight.double() - expected_weight).abs() <= bound).all(), f"{name}: merged weight not rounded once"
-    with torch.no_grad():
-        out = merged.eval()(x)
-    error = relative_error(out, unmerged)
-    assert error <= RTOL_MERGE, f"{case.name}: merged vs unmerged relative error {error:.2e}"
-    merged.train()  # BatchNorm follows train() again once SVF is gone
-    assert all(m.training for m in merged.modules())
+        assert not torch.equal(weight, case.original.get_submodule(name).weight), f"{name}: merged is the original"
 
 
 def test_unapply_restores_original_bit_for_bit(case):
     model = copy.deepcopy(case.svf)
     perturb_singular_values(model, scale=0.1, seed=5)  # a trained model: unapply must drop the changes
-    restored = svftune.unapply_svf(model)
-    assert _classes(restored) == _classes(case.original)
-    assert _requires_grad(restored) == _requires_grad(case.original)
-    assert not hasattr(restored, "svf_config")
-    state, original_state = restored.state_dict(), case.original.state_dict()
-    assert state.keys() == original_state.keys()
-    for key, value in original_state.items():
-        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
-    x = case.inputs(seed=6)
-    with torch.no_grad():
-        assert torch.equal(restored.eval()(x), case.original.eval()(x))
-    restored.train()
-    assert all(m.training for m in restored.modules())
+    check_unapply(model, case.original, case.inputs(seed=6))

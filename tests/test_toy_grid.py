@@ -1,7 +1,8 @@
 """Every toy layer kind through the same checks (PEFT-style grid).
 
 Tolerances: float64 runs compare at relative 1e-12; fp32 at relative 1e-6 for the three-op training form
-(U diag(S) Vh is not bit-exact in fp32) and bit-identical wherever the layer is exact by construction.
+(U diag(S) Vh is not bit-exact in fp32) and bit-identical wherever the layer is exact by construction. The checks
+shared with the other grids (and the one relative error) live in checks.py.
 """
 
 from __future__ import annotations
@@ -10,12 +11,21 @@ import copy
 
 import pytest
 import torch
+from checks import (
+    check_eval_exact_at_init,
+    check_merge,
+    check_only_s_trains,
+    check_train_close,
+    check_unapply,
+    reference_weight,
+    relative_error,
+)
 from torch import nn
 from torch.func import functional_call
-from toys import TOYS, build_toy, perturb_singular_values, reference_weight, relative_error
+from toys import TOYS, build_toy, perturb_singular_values
 
 import svftune
-from svftune.layers import SVFLayer
+from svftune.constants import FACTOR_OF_LETTER
 
 TOY_NAMES = sorted(TOYS)
 FORMS = ("three_op", "rebuilt", "lean")
@@ -44,13 +54,13 @@ def test_decomposition_is_exact_full_rank(name):
 @pytest.mark.parametrize("name", TOY_NAMES)
 def test_init_eval_bit_identical_and_train_close(name):
     model, x = build_toy(name)
-    original = copy.deepcopy(model).eval()
-    expected = original(x)
+    reference = copy.deepcopy(model)
+    svftune.freeze_batchnorm(reference)
     for form in FORMS:
         adapted = svftune.apply_svf(copy.deepcopy(model), form=form)
-        assert torch.equal(adapted.eval()(x), expected), "eval forward must be bit-identical at init"
-        assert torch.equal(adapted.train()(x), expected) or form in ("three_op", "lean")
-        assert relative_error(adapted.train()(x), expected) <= 1e-6
+        expected = check_eval_exact_at_init(model, adapted, x)
+        out = check_train_close(adapted, reference, x, rtol=1e-6)
+        assert torch.equal(out, expected) or form in ("three_op", "lean"), "rebuilt form: exactly W at init"
 
 
 @pytest.mark.parametrize("name", TOY_NAMES)
@@ -90,54 +100,20 @@ def test_forms_match_independent_reference_float64(name, form):
 def test_sgd_changes_only_singular_values(name):
     model, x = build_toy(name)
     svftune.apply_svf(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(3):
-        loss = model(x).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed, "training changed nothing"
-    assert all(k.endswith(".S") for k in changed), sorted(changed)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.S" for n, _ in svftune.svf_layers(model)}
+    check_only_s_trains(model, lambda m, step: m(x).square().mean(), steps=3, lr=0.05, clip=1e6)
 
 
 @pytest.mark.parametrize("name", TOY_NAMES)
 def test_merge_equals_unmerged_and_unapply_restores(name):
     model, x = build_toy(name)
-    original = copy.deepcopy(model)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    next(model.parameters()).requires_grad_(False)  # mixed flags, so that restoring them is not vacuous
     adapted = svftune.apply_svf(model, inplace=False)
     perturb_singular_values(adapted)
     adapted.eval()
-    with torch.no_grad():
-        unmerged = adapted(x)
     for layer_name, layer in svftune.svf_layers(adapted):
         assert relative_error(layer.weight, reference_weight(layer)) < 1e-6, layer_name
-
-    merged = svftune.merge_svf(copy.deepcopy(adapted))
-    assert not any(isinstance(m, SVFLayer) for m in merged.modules())
-    assert [type(m) for m in merged.modules()] == [type(m) for m in original.modules()]
-    with torch.no_grad():
-        assert relative_error(merged.eval()(x), unmerged) <= 1e-5
-    for layer_name, layer in svftune.svf_layers(adapted):
-        exact = reference_weight(layer).to(torch.float32)
-        assert torch.equal(merged.get_submodule(layer_name).weight, exact), "merge rebuilds in float64, casts once"
-
-    restored = svftune.unapply_svf(adapted)
-    assert [type(m) for m in restored.modules()] == [type(m) for m in original.modules()]
-    expected_state = original.state_dict()
-    state = restored.state_dict()
-    assert state.keys() == expected_state.keys()
-    assert all(torch.equal(state[k], expected_state[k]) for k in state)
-    assert {n: p.requires_grad for n, p in restored.named_parameters()} == flags
-    assert not hasattr(restored, "svf_config")
-    restored.train()
-    assert all(m.training for m in restored.modules()), "BatchNorm follows train() again after unapply"
+    check_merge(adapted, model, x, rtol=1e-5)
+    check_unapply(adapted, model, x)
 
 
 @pytest.mark.parametrize("name", ["conv2d_3x3", "conv2d_grouped", "mlp"])
@@ -147,8 +123,7 @@ def test_table7_ablations_train_only_the_chosen_factors(name, train):
     expected = copy.deepcopy(model).eval()(x)
     svftune.apply_svf(model, train=train)
     assert relative_error(model.eval()(x), expected) <= 1e-6
-    names = {"U": "U", "S": "S", "V": "Vh"}
-    wanted = {f"{n}.{names[c]}" for n, _ in svftune.svf_layers(model) for c in train}
+    wanted = {f"{n}.{FACTOR_OF_LETTER[c]}" for n, _ in svftune.svf_layers(model) for c in train}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == wanted
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)

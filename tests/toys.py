@@ -1,19 +1,14 @@
-"""Toy models covering every layer kind SVF handles, and small comparison helpers for the tests."""
+"""Toy models covering every layer kind SVF handles (comparison helpers live in checks.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from checks import reference_weight, relative_error  # noqa: F401  (re-exported: tests import them from here)
 from torch import Tensor, nn
 
 import svftune
-
-
-def relative_error(actual: Tensor, expected: Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64."""
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
 def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -84,14 +79,3 @@ def build_toy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> t
     model = randomize_norm_stats(builder(), seed).to(dtype)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
     return model, x
-
-
-def reference_weight(layer: svftune.SVFLayer) -> Tensor:
-    """The weight an SVF layer should apply, written independently of the layer's own code (float64)."""
-    u, s, vh = layer.U.double(), layer.S.double(), layer.Vh.double()
-    if layer.residual is not None:
-        matrices = layer.residual.double() + torch.einsum("gor,gr,grn->gon", u, s, vh)
-    else:
-        base = layer.base_weight.double().reshape(u.shape[0], u.shape[1], -1)
-        matrices = base + torch.einsum("gor,gr,grn->gon", u, s - layer.S0.double(), vh)
-    return matrices.reshape(layer.base_weight.shape)

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .constants import exact_dtype
+
 QR_FIRST_ASPECT = 2.0
 """Aspect ratio (long side / short side) from which the QR-first route is used."""
 SINGLE_THREAD_WORK = 2e10
@@ -35,9 +37,10 @@ def decomposition_dtype(device: torch.device) -> torch.dtype:
         device: where the decomposition runs.
 
     Returns:
-        ``torch.float64``, or ``torch.float32`` on Apple MPS, which has no float64.
+        ``torch.float64``, or ``torch.float32`` on Apple MPS, which has no float64 (the rule lives in
+        ``svftune.constants.exact_dtype``).
     """
-    return torch.float32 if device.type == "mps" else torch.float64
+    return exact_dtype(device)
 
 
 def thin_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._three_op import CONV, ScaleProject
+from .constants import FACTOR_NAMES, HALF_DTYPES, exact_dtype
 from .decompose import thin_svd
 
 FORMS = ("auto", "three_op", "rebuilt", "lean")
@@ -42,19 +46,6 @@ FORMS = ("auto", "three_op", "rebuilt", "lean")
 #: says (benchmarks/README.md, "Cost model"); 1.4 flips only the near-tie stride-2 1x1 downsample convs.
 WEIGHT_GRAD_COST = 1.4
 FACTORS = "USV"
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
-    """The autocast settings in force for ``device_type``, to replay them when recomputing in a backward."""
-    try:
-        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4: per-device functions
-        if device_type == "cpu":
-            return device_type, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-        return device_type, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
 def normalize_train(train: str) -> str:
@@ -75,74 +66,6 @@ def normalize_form(form: str) -> str:
     return form
 
 
-class _ScaleProject(torch.autograd.Function):
-    """``y = U diag(S) z + bias`` along the channel dimension, with ``z = project(x)`` the ``Vh`` projection.
-
-    Autograd's own ``mul`` + ``conv`` pair would also save ``S * z``; this never computes a weight gradient and
-    keeps at most one map of ``R`` channels per layer. With ``project=None`` (the three-op form) the input
-    already is ``z`` and is saved. With a ``project`` callable (the lean form) only ``x`` is saved, which the
-    layer before keeps alive anyway, and ``project`` runs again in the backward (under the forward's autocast
-    state): one more ``Vh`` conv per step instead of an ``R``-channel activation map per layer.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, u: Tensor, bias: Tensor | None, nd: int, project) -> Tensor:
-        recompute = project is not None
-        z = project(x) if recompute else x
-        groups, out_per_group, rank = u.shape
-        scaled = u * s.to(u.dtype).unsqueeze(1)
-        if nd == 0:
-            y = F.linear(z, scaled[0], bias)
-        else:
-            y = _CONV[nd](z, scaled.reshape(groups * out_per_group, rank, *(1,) * nd), bias, groups=groups)
-        ctx.save_for_backward(x if recompute else z, s, u)
-        ctx.nd, ctx.project = nd, project
-        if recompute:
-            ctx.autocast = _autocast_state(x.device.type)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        saved, s, u = ctx.saved_tensors
-        nd = ctx.nd
-        groups, out_per_group, rank = u.shape
-        u = u.to(grad_y.dtype)
-        if nd == 0:
-            grad_t = grad_y @ u[0]
-            sum_dims = tuple(range(grad_y.dim() - 1))
-            s_view = s.reshape(rank)
-        else:
-            grad_t = _CONV_T[nd](grad_y, u.reshape(groups * out_per_group, rank, *(1,) * nd), groups=groups)
-            sum_dims = (0, *range(2, 2 + nd))
-            s_view = s.reshape(1, groups * rank, *(1,) * nd)
-        x_needs_grad = ctx.needs_input_grad[0]
-        recompute = ctx.project is not None
-        if recompute:
-            device_type, enabled, dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                x = saved.detach().requires_grad_(x_needs_grad)
-                z = ctx.project(x)
-        else:
-            z = saved
-        grad_x = grad_s = grad_bias = None
-        if ctx.needs_input_grad[1]:
-            accumulate = torch.promote_types(grad_t.dtype, torch.float32)  # half products, fp32 sums
-            if recompute and z.dtype == grad_t.dtype:
-                with torch.no_grad():  # the recomputed z is ours and its values are not needed again
-                    product = z.mul_(grad_t)
-            else:
-                product = grad_t * z.to(grad_t.dtype)
-            grad_s = torch.sum(product, sum_dims, dtype=accumulate).reshape(s.shape).to(s.dtype)
-            del product
-        if x_needs_grad:
-            grad_z = grad_t.mul_(s_view.to(grad_t.dtype))  # grad_t is a fresh map: scale it in place
-            # three-op: the Vh projection's own backward runs outside (autograd); lean: run it here
-            grad_x = torch.autograd.grad(z, x, grad_z)[0] if recompute else grad_z
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_y.sum(sum_dims)
-        return grad_x, grad_s, None, grad_bias, None, None
-
-
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why ``module`` cannot be adapted, or ``None`` when it can. One place for every refusal."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
@@ -154,17 +77,19 @@ def unsupported_reason(module: nn.Module) -> str | None:
             "carries a torch.nn.utils.parametrize parametrization (e.g. weight norm), so its weight is not "
             "a plain tensor; remove the parametrization or leave the layer out with exclude=[...]"
         )
-    layer_class = _svf_class_for(module)
-    if layer_class is None:
-        return f"is a {type(module).__name__}, not a Linear or Conv1d/2d/3d"
-    base = layer_class.base_type
+    kind = layer_kind(module)
+    if kind is None:
+        return f"is a {type(module).__name__}, not one of the supported layer types ({', '.join(LAYER_KINDS)})"
+    base = kind.plain_class()
     for method in ("forward", "_conv_forward"):
         if getattr(type(module), method, None) is not getattr(base, method, None):
             return (
-                f"is a {type(module).__name__}, a subclass of nn.{base.__name__} that overrides {method}() "
-                "(e.g. weight standardisation), so replacing it would silently change the model; "
-                "leave it out with exclude=[...]"
+                f"is a {type(module).__name__}, a subclass of {base.__name__} that overrides {method}() "
+                "(e.g. TensorFlow-style 'same' padding computed in forward), so replacing it would silently change "
+                "the model; leave it out with exclude=[...]"
             )
+    if kind.transposed and tuple(module.weight.shape) != (module.nx, module.nf):
+        return f"has a weight of shape {tuple(module.weight.shape)}, not (nx, nf) = ({module.nx}, {module.nf})"
     extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
     extra += [n for n, _ in module.named_buffers(recurse=False)] + [n for n, _ in module.named_children()]
     if extra:
@@ -177,26 +102,20 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _svf_class_for(module: nn.Module) -> type[SVFLayer] | None:
-    for layer_class in (SVFLinear, SVFConv1d, SVFConv2d, SVFConv3d):
-        if isinstance(module, layer_class.base_type):
-            return layer_class
-    return None
-
-
 def svf_layer_from(module: nn.Module, **kwargs: Any) -> SVFLayer:
-    """Build the SVF layer that matches a plain layer: SVFLinear, SVFConv1d, SVFConv2d or SVFConv3d.
+    """Build the SVF layer that matches a plain layer: SVFLinear, SVFConv1d/2d/3d or SVFConv1D (``LAYER_KINDS``).
 
     Args:
-        module: an ``nn.Linear`` or ``nn.Conv1d``/``Conv2d``/``Conv3d`` (or a subclass that does not change the
-            computation). Its ``weight`` and ``bias`` Parameters are reused (and frozen), not copied.
+        module: an ``nn.Linear``, ``nn.Conv1d``/``Conv2d``/``Conv3d`` or transformers' ``Conv1D`` (or a subclass
+            that does not change the computation). Its ``weight`` and ``bias`` Parameters are reused (and frozen),
+            not copied.
         **kwargs: passed to the layer: ``train``, ``form``, ``decompose`` (see ``SVFLayer``).
 
     Returns:
         The SVF layer; it computes exactly what ``module`` computed while its singular values are untouched.
 
     Raises:
-        TypeError: ``module`` cannot be adapted (not a Linear/Conv, a transposed conv, a lazy module before its
+        TypeError: ``module`` cannot be adapted (not a supported layer type, a transposed conv, a lazy module before its
             first forward, a subclass overriding ``forward``, a parametrized layer, a layer with hooks or extra
             parameters); the message says why.
 
@@ -222,7 +141,7 @@ def svf_layer_from(module: nn.Module, **kwargs: Any) -> SVFLayer:
     reason = unsupported_reason(module)
     if reason is not None:
         raise TypeError(f"cannot apply SVF to this {type(module).__name__}: it {reason}")
-    return _svf_class_for(module)(module, **kwargs)
+    return layer_kind(module).svf_class(module, **kwargs)
 
 
 class SVFLayer(nn.Module):
@@ -241,8 +160,9 @@ class SVFLayer(nn.Module):
         form: the training form, ``"auto"``, ``"three_op"``, ``"rebuilt"`` or ``"lean"``; may be set per layer.
     """
 
-    base_type: ClassVar[type[nn.Module]]
-    spatial_dims: ClassVar[int]  # 0 for Linear
+    base_type: ClassVar[type[nn.Module] | None]  # the plain class; see plain_class()
+    kind: ClassVar[str]  # its name in LAYER_KINDS (and in checkpoints)
+    spatial_dims: ClassVar[int]  # 0 for Linear-like layers
 
     def __init__(
         self,
@@ -263,8 +183,10 @@ class SVFLayer(nn.Module):
                 ``svftune.thin_svd`` (the default) does, e.g. from a decomposition cache.
         """
         super().__init__()
-        if not isinstance(base, self.base_type):
-            raise TypeError(f"{type(self).__name__} wraps an nn.{self.base_type.__name__}, got {type(base).__name__}")
+        plain = self.plain_class()
+        if plain is None or not isinstance(base, plain):
+            wanted = plain.__name__ if plain is not None else self.kind
+            raise TypeError(f"{type(self).__name__} wraps a {wanted}, got {type(base).__name__}")
         reason = unsupported_reason(base)
         if reason is not None:
             raise TypeError(f"cannot apply SVF to this {type(base).__name__}: it {reason}")
@@ -272,13 +194,7 @@ class SVFLayer(nn.Module):
         self.form = normalize_form(form)
         weight = base.weight
         self.groups = getattr(base, "groups", 1)
-        if self.spatial_dims:
-            for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation"):
-                setattr(self, attr, getattr(base, attr))
-            self.padding_mode = base.padding_mode
-            self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
-        else:
-            self.in_features, self.out_features = base.in_features, base.out_features
+        self._copy_geometry(base)
         # The plain layer without its tensors: unapply/merge re-attach weights to a copy of it, so the
         # original class (e.g. a Linear subclass) and attributes come back. Kept out of the module tree.
         skeleton = copy.copy(base)
@@ -287,9 +203,9 @@ class SVFLayer(nn.Module):
         self.__dict__["_base_requires_grad"] = (weight.requires_grad, getattr(base.bias, "requires_grad", False))
         self.__dict__["_cache"] = None
 
-        matrices = weight.detach().reshape(self.groups, weight.shape[0] // self.groups, -1)
+        matrices = self._matrices(weight.detach())
         u, s, vh = (decompose or thin_svd)(matrices)
-        value_dtype = torch.float32 if weight.dtype in _HALF else weight.dtype  # S stays exact to train
+        value_dtype = torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype  # S stays exact to train
         weight.requires_grad_(False)
         self.base_weight = weight  # the original Parameter object, frozen: unapply hands it back untouched
         if base.bias is not None:
@@ -333,6 +249,26 @@ class SVFLayer(nn.Module):
         """
         return cls(base, **kwargs)
 
+    @classmethod
+    def plain_class(cls) -> type[nn.Module] | None:
+        """The plain layer class this SVF layer replaces (``None`` when its library is not loaded)."""
+        return cls.base_type
+
+    def _copy_geometry(self, base: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _matrices(self, weight: Tensor) -> Tensor:
+        """A weight of the plain layer's layout as its ``(groups, out/groups, fan_in)`` matrices."""
+        return weight.reshape(self.groups, weight.shape[0] // self.groups, -1)
+
+    def _from_matrices(self, matrices: Tensor) -> Tensor:
+        """``(groups, rows, fan_in)`` matrices in the plain layer's weight layout (``groups * rows`` outputs)."""
+        return matrices.reshape(-1, *self.base_weight.shape[1:])
+
+    def factor_tensors(self) -> dict[str, Tensor]:
+        """The layer's factor tensors by name (``constants.FACTOR_NAMES``: U, S, Vh and residual when present)."""
+        return {name: t for name in FACTOR_NAMES if (t := getattr(self, name)) is not None}
+
     # ----------------------------------------------------------------------------------------- weights
     @property
     def rank(self) -> int:
@@ -345,17 +281,17 @@ class SVFLayer(nn.Module):
         u, vh = self.U.to(dtype), self.Vh.to(dtype)
         if self.residual is not None:
             w = self.residual.to(dtype) + (u * self.S.to(dtype).unsqueeze(1)) @ vh
-            return w.reshape(self.base_weight.shape)
+            return self._from_matrices(w)
         delta = (u * (self.S.to(dtype) - self.S0.to(dtype)).unsqueeze(1)) @ vh
-        return self.base_weight.to(dtype) + delta.reshape(self.base_weight.shape)
+        return self.base_weight.to(dtype) + self._from_matrices(delta)
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
         """The fine-tuned weight, rebuilt in float64 (float32 where unsupported) and cast once."""
         if self.residual is None and torch.equal(self.S, self.S0):
             return self.base_weight.detach().clone()
-        exact = torch.float32 if self.base_weight.device.type == "mps" else torch.float64
-        return self.effective_weight(exact).to(self.base_weight.dtype)
+        exact = exact_dtype(self.base_weight.device)
+        return self.effective_weight(exact).to(self.base_weight.dtype).contiguous()
 
     @property
     def weight(self) -> Tensor:
@@ -367,11 +303,11 @@ class SVFLayer(nn.Module):
     def _weight_needs_grad(self) -> bool:
         if not torch.is_grad_enabled():
             return False
-        return any(t is not None and t.requires_grad for t in (self.U, self.S, self.Vh, self.base_weight))
+        return self.base_weight.requires_grad or any(t.requires_grad for t in self.factor_tensors().values())
 
     def _cache_key(self) -> tuple:
-        tensors = (self.U, self.S, self.Vh, self.base_weight, self.S0, self.residual)
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors if t is not None)
+        tensors = (*self.factor_tensors().values(), self.base_weight, self.S0)
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     @torch.no_grad()
     def _cached_weight(self) -> Tensor:
@@ -430,8 +366,8 @@ class SVFLayer(nn.Module):
             return self._apply_weight(x, self._cached_weight())
         if self.training and self.uses_three_op(x):  # eval + grad: rebuilt, exact while S == S0
             if self.form == "lean":
-                return _ScaleProject.apply(x, self.S, self.U, self.bias, self.spatial_dims, self._project)
-            return _ScaleProject.apply(self._project(x), self.S, self.U, self.bias, self.spatial_dims, None)
+                return ScaleProject.apply(x, self.S, self.U, self.bias, self.spatial_dims, self._project)
+            return ScaleProject.apply(self._project(x), self.S, self.U, self.bias, self.spatial_dims, None)
         return self._apply_weight(x, self.effective_weight().to(self.base_weight.dtype))
 
     def _apply_weight(self, x: Tensor, weight: Tensor, bias: bool = True) -> Tensor:
@@ -439,8 +375,7 @@ class SVFLayer(nn.Module):
 
     def _project(self, x: Tensor) -> Tensor:
         """The first of the three ops: ``x`` through ``Vh`` (a conv with ``R`` output channels per group)."""
-        groups, _, rank = self.U.shape
-        return self._apply_weight(x, self.Vh.reshape(groups * rank, *self.base_weight.shape[1:]), bias=False)
+        return self._apply_weight(x, self._from_matrices(self.Vh), bias=False)
 
     # ----------------------------------------------------------------------------------------- plain
     def to_plain(self, merge: bool = True) -> nn.Module:
@@ -464,14 +399,18 @@ class SVFLayer(nn.Module):
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _HALF else dtype
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 class SVFLinear(SVFLayer):
     """SVF version of ``torch.nn.Linear`` (one group, rank ``min(out_features, in_features)``)."""
 
     base_type = nn.Linear
+    kind = "Linear"
     spatial_dims = 0
+
+    def _copy_geometry(self, base: nn.Module) -> None:
+        self.in_features, self.out_features = base.in_features, base.out_features
 
     def _output_positions(self, x: Tensor) -> int:
         return x.numel() // max(self.in_features, 1)
@@ -481,6 +420,11 @@ class SVFLinear(SVFLayer):
 
 
 class _SVFConvNd(SVFLayer):
+    def _copy_geometry(self, base: nn.Module) -> None:
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode"):
+            setattr(self, attr, getattr(base, attr))
+        self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
+
     def _output_positions(self, x: Tensor) -> int:
         spatial = x.shape[-self.spatial_dims :]
         batch = x.numel() // max(math.prod(spatial) * self.in_channels, 1)
@@ -491,7 +435,7 @@ class _SVFConvNd(SVFLayer):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        conv = _CONV[self.spatial_dims]
+        conv = CONV[self.spatial_dims]
         return conv(x, weight, self.bias if bias else None, self.stride, padding, self.dilation, self.groups)
 
 
@@ -499,6 +443,7 @@ class SVFConv1d(_SVFConvNd):
     """SVF version of ``torch.nn.Conv1d``, decomposed per group."""
 
     base_type = nn.Conv1d
+    kind = "Conv1d"
     spatial_dims = 1
 
 
@@ -506,6 +451,7 @@ class SVFConv2d(_SVFConvNd):
     """SVF version of ``torch.nn.Conv2d``, decomposed per group (depthwise: one value per channel)."""
 
     base_type = nn.Conv2d
+    kind = "Conv2d"
     spatial_dims = 2
 
 
@@ -513,4 +459,126 @@ class SVFConv3d(_SVFConvNd):
     """SVF version of ``torch.nn.Conv3d``, decomposed per group."""
 
     base_type = nn.Conv3d
+    kind = "Conv3d"
     spatial_dims = 3
+
+
+def _transformers_conv1d() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` class when transformers is loaded; never imports it (a model holding one has)."""
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
+class SVFConv1D(SVFLayer):
+    """SVF version of Hugging Face transformers' ``Conv1D`` (GPT-2, GPT-J-style models): a Linear whose weight
+    is stored transposed, ``(in_features, out_features)``.
+
+    It is decomposed as the ``(out, in)`` matrix a Linear holds, so it trains exactly what ``SVFLinear`` would;
+    its forward is Conv1D's own (``addmm`` with the stored weight), so an untouched layer is bit-identical.
+    svftune does not depend on transformers: the class is found in the already loaded ``transformers`` module.
+    """
+
+    base_type = None
+    kind = "Conv1D"
+    spatial_dims = 0
+
+    @classmethod
+    def plain_class(cls) -> type[nn.Module] | None:
+        """transformers' ``Conv1D`` (``None`` while transformers is not imported)."""
+        plain = _transformers_conv1d()
+        if plain is not None:
+            cls.base_type = plain  # for code reading base_type: set whenever a Conv1D can exist
+        return plain
+
+    def _copy_geometry(self, base: nn.Module) -> None:
+        self.nf, self.nx = base.nf, base.nx
+        self.in_features, self.out_features = base.nx, base.nf
+
+    def _matrices(self, weight: Tensor) -> Tensor:
+        return weight.mT.unsqueeze(0)
+
+    def _from_matrices(self, matrices: Tensor) -> Tensor:
+        return matrices.reshape(-1, matrices.shape[-1]).mT
+
+    def _output_positions(self, x: Tensor) -> int:
+        return x.numel() // max(self.in_features, 1)
+
+    def _apply_weight(self, x: Tensor, weight: Tensor, bias: bool = True) -> Tensor:
+        flat = x.view(-1, x.size(-1))  # Conv1D.forward, operation for operation
+        out = torch.addmm(self.bias, flat, weight) if bias and self.bias is not None else flat @ weight
+        return out.view(*x.shape[:-1], weight.shape[-1])
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One supported layer type: which plain class it is, and the SVF layer that replaces it.
+
+    Attributes:
+        name: the kind's name, as checkpoints record it (``"Linear"``, ``"Conv2d"``, ``"Conv1D"``...).
+        svf_class: the SVF layer class (``SVFLinear``...).
+        weight_dims: dimensions of the plain layer's weight.
+        transposed: the weight is stored ``(in, out)`` (transformers' Conv1D) instead of ``(out, in, ...)``.
+    """
+
+    name: str
+    svf_class: type[SVFLayer]
+    weight_dims: int
+    transposed: bool = False
+
+    def plain_class(self) -> type[nn.Module] | None:
+        """The plain class, or ``None`` when its library (transformers) is not loaded."""
+        return self.svf_class.plain_class()
+
+    def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is an instance of the plain class (subclasses included)."""
+        plain = self.plain_class()
+        return plain is not None and isinstance(module, plain)
+
+    def matrix_shape(self, shape: tuple[int, ...] | list[int], groups: int = 1) -> tuple[int, int]:
+        """``(out/groups, fan_in)`` of each group's matrix for a weight of this shape."""
+        if self.transposed:
+            return shape[1], shape[0]
+        return shape[0] // groups, math.prod(shape[1:])
+
+
+LAYER_KINDS: dict[str, LayerKind] = {
+    kind.name: kind
+    for kind in (
+        LayerKind("Linear", SVFLinear, 2),
+        LayerKind("Conv1d", SVFConv1d, 3),
+        LayerKind("Conv2d", SVFConv2d, 4),
+        LayerKind("Conv3d", SVFConv3d, 5),
+        LayerKind("Conv1D", SVFConv1D, 2, transposed=True),
+    )
+}
+"""Every layer type SVF adapts, by kind name: the one registry that layer selection, the SVF layers and
+checkpoints use. ``Conv1D`` is Hugging Face transformers' transposed Linear (found only when transformers is
+loaded; svftune does not import it)."""
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The ``LAYER_KINDS`` entry whose plain class ``module`` is an instance of, or ``None``.
+
+    Args:
+        module: any module (SVF layers are not plain layers: ``None``).
+
+    Returns:
+        The kind, or ``None``.
+
+    Examples:
+        >>> from torch import nn
+        >>> from svftune.layers import layer_kind
+        >>> layer_kind(nn.Conv2d(3, 8, 3)).name, layer_kind(nn.ReLU())
+        ('Conv2d', None)
+    """
+    if isinstance(module, SVFLayer):
+        return None
+    for kind in LAYER_KINDS.values():
+        if kind.matches(module):
+            return kind
+    return None
+
+
+def plain_classes() -> tuple[type[nn.Module], ...]:
+    """The plain classes of every ``LAYER_KINDS`` entry whose library is loaded (for ``isinstance`` checks)."""
+    return tuple(cls for kind in LAYER_KINDS.values() if (cls := kind.plain_class()) is not None)

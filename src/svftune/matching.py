@@ -17,10 +17,9 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .layers import SVFLayer, unsupported_reason
+from .layers import LAYER_KINDS, SVFLayer, plain_classes, unsupported_reason
 
 LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
-DEFAULT_TARGETS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _compile(spec: LayerSelector, argument: str) -> tuple[Callable[[str, nn.Module], bool], list[str]]:
@@ -43,16 +42,18 @@ def _compile(spec: LayerSelector, argument: str) -> tuple[Callable[[str, nn.Modu
 
 
 def _check_targets(targets: Sequence[type[nn.Module]] | None) -> tuple[type[nn.Module], ...]:
+    supported = plain_classes()
     if targets is None:
-        return DEFAULT_TARGETS
+        return supported
     targets = tuple(targets) if isinstance(targets, Sequence) else (targets,)
     for target in targets:
-        if not (isinstance(target, type) and issubclass(target, DEFAULT_TARGETS)):
+        if not (isinstance(target, type) and issubclass(target, supported)):
             raise TypeError(
-                f"targets may only hold nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or their subclasses, got {target!r}"
+                f"targets may only hold the supported layer types ({', '.join(LAYER_KINDS)}) or their subclasses, "
+                f"got {target!r}"
             )
     if not targets:
-        raise ValueError("targets is empty: leave it as None for Conv1d/2d/3d and Linear")
+        raise ValueError(f"targets is empty: leave it as None for every supported type ({', '.join(LAYER_KINDS)})")
     return targets
 
 
@@ -69,13 +70,13 @@ def describe_model(model: nn.Module, limit: int = 25) -> str:
     """
     lines = []
     for name, child in list(model.named_children())[:limit]:
-        kinds = Counter(type(m).__name__ for m in child.modules() if isinstance(m, (*DEFAULT_TARGETS, SVFLayer)))
+        kinds = Counter(type(m).__name__ for m in child.modules() if isinstance(m, (*plain_classes(), SVFLayer)))
         counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         lines.append(f"  {name} ({type(child).__name__}{': ' + counts if counts else ''})")
     extra = len(list(model.children())) - limit
     if extra > 0:
         lines.append(f"  ... and {extra} more")
-    totals = Counter(type(m).__name__ for m in model.modules() if isinstance(m, DEFAULT_TARGETS))
+    totals = Counter(type(m).__name__ for m in model.modules() if isinstance(m, plain_classes()))
     total = ", ".join(f"{n} {k}" for k, n in sorted(totals.items())) or "no Conv or Linear layers"
     return "Top-level children of the model:\n" + "\n".join(lines) + f"\nIn total: {total}."
 
@@ -175,7 +176,7 @@ def select_layers(
     if refused:
         raise TypeError("apply_svf selected layers it cannot adapt:\n" + "\n".join(refused))
     if not selected:
-        if isinstance(model, (*DEFAULT_TARGETS, SVFLayer)) and not list(model.children()):
+        if isinstance(model, (*plain_classes(), SVFLayer)) and not list(model.children()):
             raise ValueError(
                 f"apply_svf adapts the layers inside a model, but got a bare {type(model).__name__}; "
                 "wrap a single layer with svftune.SVFConv2d(layer) / SVFLinear(layer) instead"

@@ -352,12 +352,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         >>> svftune.trainable_parameters(model)
         (24, 1432)
     """
-    internal = {
-        id(t)
-        for _, layer in svf_layers(model)
-        for t in (layer.U, layer.S, layer.Vh, layer.residual)
-        if t is not None and not t.requires_grad
-    }
+    internal = {id(t) for _, layer in svf_layers(model) for t in layer.factor_tensors().values() if not t.requires_grad}
     trainable = total = 0
     for parameter in model.parameters():
         if id(parameter) in internal:
