@@ -30,12 +30,19 @@ CSV_FIELDS = (
 
 
 def t_critical(df: int) -> float:
-    """t(0.975, df): the table up to 30 degrees of freedom, then the normal value with a first-order correction."""
+    """t(0.975, df): the table up to 30 degrees of freedom, then the Cornish-Fisher expansion around the normal
+    quantile (three terms; within 1e-4 of the exact value from df = 31 on)."""
     if df < 1:
         raise ValueError("a confidence interval needs at least two values")
     if df <= len(_T975):
         return _T975[df - 1]
-    return 1.959964 * (1 + 1 / (4 * df))
+    z = 1.959964
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
 
 
 def interval(values: list[float]) -> dict[str, Any]:
