@@ -10,7 +10,7 @@ import random
 import pytest
 from svf_fss.cli import main
 from svf_fss.train.config import ConfigError
-from svf_fss.train.study import RECORDS, StudyPlan, read_records, run_study
+from svf_fss.train.study import RECORDS, StudyPlan, claim, read_records, run_study
 from svf_fss.train.study_report import interval, markdown, paired, records_csv, summarize, t_critical
 
 
@@ -154,3 +154,32 @@ def test_quick_study_writes_the_report_and_resumes(mini_root, tmp_path, monkeypa
     # other run settings in the same folder: refused (runs would not be comparable)
     with pytest.raises(ConfigError, match="other run settings"):
         run_study(out, StudyPlan(quick=False, folds=[0, 1], seeds=[321]), data_root=mini_root)
+
+
+def test_claim_is_exclusive_and_released(tmp_path):
+    lock = tmp_path / "runs" / "x1" / "run.lock"
+    with claim(lock) as first:
+        assert first
+        with claim(lock) as second:  # another open file description: what a second process would get
+            assert not second
+    with claim(lock) as again:
+        assert again
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study(mini_root, tmp_path):
+    """Two study processes on one folder train every run once between them and leave one complete record each."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shared"
+    command = [sys.executable, "-m", "svf_fss.cli", "study", "--quick", "--out", str(out), "--data", str(mini_root)]
+    command += ["--strategies", "frozen", "--folds", "0,1", "--seeds", "321,322", "--long-factor", "1"]
+    command += ["--threads", "1"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    records = read_records(out / RECORDS)
+    keys = sorted((r["fold"], r["seed"]) for r in records)
+    assert keys == [(0, 321), (0, 322), (1, 321), (1, 322)], logs
+    assert "Runs finished: 4 of 4" in (out / "results.md").read_text()

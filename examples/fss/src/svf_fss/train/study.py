@@ -20,14 +20,21 @@ real ImageNet MobileNetV2, 10 epochs), so the study answers the mini benchmark's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_config
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 from .mini_benchmark import QUICK, SETTINGS
 
 STRATEGIES = ("frozen", "svf", "full", "lora")
@@ -159,6 +166,30 @@ def _check_plan(out: Path, plan: StudyPlan) -> None:
     atomic_write_text(json.dumps(mine, indent=2) + "\n", path)
 
 
+@contextlib.contextmanager
+def claim(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` without waiting; yields ``False`` when another process (or another open
+    of the same file) holds it. The OS releases the lock of a killed process, so no stale claim survives a crash.
+    Without ``fcntl`` (Windows) every claim succeeds: run one study process there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+        yield True  # closing the file releases the lock
+
+
+@contextlib.contextmanager
+def _records_lock(out: Path) -> Iterator[None]:
+    with (out / (RECORDS + ".lock")).open("a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def run_study(
     out: Path,
     plan: StudyPlan | None = None,
@@ -167,7 +198,10 @@ def run_study(
     threads: int | None = None,
     keep_checkpoints: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) a study under ``out``; returns every record. Writes the report after each run."""
+    """Run (or resume) a study under ``out``; returns every record. Writes the report after each run.
+
+    Several processes may run the same command on the same ``out`` at once (one per core, with ``threads=1``):
+    each run is claimed with a lock, so every run trains once and the records file is appended under a lock."""
     import torch
 
     from ..data.mini import make_mini
@@ -178,63 +212,79 @@ def run_study(
     plan = plan or StudyPlan()
     out.mkdir(parents=True, exist_ok=True)
     root = Path(data_root) if data_root else out / "data"
-    if not (root / "lists" / "train.txt").exists():
-        print(f"generating the mini dataset in {root} ...")
-        make_mini(root)
-    _check_plan(out, plan)
+    with _records_lock(out):
+        if not (root / "lists" / "train.txt").exists():
+            print(f"generating the mini dataset in {root} ...")
+            make_mini(root)
+        _check_plan(out, plan)
+        records = read_records(out / RECORDS)
     if threads:
         torch.set_num_threads(threads)
-    records_path = out / RECORDS
-    records = read_records(records_path)
-    done = {_key(r) for r in records}
-    todo = [k for k in plan.runs() if _key(k) not in done]
-    total = len(plan.runs())
-    print(f"study in {out}: {total - len(todo)} of {total} runs done, {len(todo)} to go")
+    keys = plan.runs()
+    print(f"study in {out}: {len(_done(records, keys))} of {len(keys)} runs done")
     process = setup_process("cpu")
-    spent: list[float] = []
-    for index, key in enumerate(todo, 1):
-        values = plan.run_values(key, out, root)
-        config = load_config(None, values)
-        resumed = (config.output_dir() / "last.pt").exists()
-        load_start = os.getloadavg()[0]
-        tic = time.perf_counter()
-        summary = train(config, process)
-        seconds = time.perf_counter() - tic
-        groups = summary.get("trainable_groups", {})
-        record = {
-            **key,
-            "epochs": config.epochs,
-            "iterations": summary["iterations"],
-            "miou": summary["last"]["miou"],
-            "fb_iou": summary["last"]["fb_iou"],
-            "train_seconds": round(seconds, 1),
-            "resumed": resumed,
-            "trainable": summary["trainable"],
-            "trainable_backbone": sum(v for k, v in groups.items() if k != "head"),
-            "test_episodes": config.val_episodes,
-            "threads": torch.get_num_threads(),
-            "load_start": round(load_start, 2),
-            "load_end": round(os.getloadavg()[0], 2),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "torch": torch.__version__,
-        }
-        _append(records_path, record)
-        records.append(record)
-        if not keep_checkpoints:  # a finished run needs no resume state; full fine-tuning's is ~50 MB
-            for name in ("last.pt", "best.pt"):
-                (config.output_dir() / name).unlink(missing_ok=True)
-        spent.append(seconds)
-        eta = (len(todo) - index) * sum(spent) / len(spent)
+    for key in keys:
+        if _key(key) in _done(records, keys):
+            continue
+        with claim(out / "runs" / (run_name(key) + ".lock")) as mine:
+            if not mine:  # another process trains it
+                continue
+            with _records_lock(out):
+                records = read_records(out / RECORDS)
+            if _key(key) in _done(records, keys):  # finished by another process meanwhile
+                continue
+            record = _train_one(key, plan, out, root, process, train)
+            with _records_lock(out):
+                _append(out / RECORDS, record)
+                records = read_records(out / RECORDS)
+                write_report(out, records, plan)
+            if not keep_checkpoints:  # a finished run needs no resume state; full fine-tuning's is ~50 MB
+                for name in ("last.pt", "best.pt"):
+                    (out / "runs" / run_name(key) / name).unlink(missing_ok=True)
         print(
-            f"[{total - len(todo) + index}/{total}] x{key['schedule']} fold {key['fold']} seed {key['seed']} "
+            f"[{len(_done(records, keys))}/{len(keys)}] x{key['schedule']} fold {key['fold']} seed {key['seed']} "
             f"{key['strategy']}: mIoU {100 * record['miou']:.2f} FB-IoU {100 * record['fb_iou']:.2f} "
-            f"({seconds:.0f} s, load {load_start:.1f}); about {eta / 60:.0f} min to go",
+            f"({record['train_seconds']:.0f} s, load {record['load_start']:.1f})",
             flush=True,
         )
-        write_report(out, records, plan)
-    if not todo:
+    with _records_lock(out):
+        records = read_records(out / RECORDS)
         write_report(out, records, plan)
     return records
 
 
-__all__ = ["FOLDS", "SEEDS", "STRATEGIES", "StudyPlan", "read_records", "run_name", "run_study"]
+def _done(records: list[dict[str, Any]], keys: list[dict[str, Any]]) -> set[tuple]:
+    planned = {_key(k) for k in keys}
+    return {_key(r) for r in records} & planned
+
+
+def _train_one(key: dict[str, Any], plan: StudyPlan, out: Path, root: Path, process: Any, train: Any) -> dict:
+    import torch
+
+    config = load_config(None, plan.run_values(key, out, root))
+    resumed = (config.output_dir() / "last.pt").exists()
+    load_start = os.getloadavg()[0]
+    tic = time.perf_counter()
+    summary = train(config, process)
+    seconds = time.perf_counter() - tic
+    groups = summary.get("trainable_groups", {})
+    return {
+        **key,
+        "epochs": config.epochs,
+        "iterations": summary["iterations"],
+        "miou": summary["last"]["miou"],
+        "fb_iou": summary["last"]["fb_iou"],
+        "train_seconds": round(seconds, 1),
+        "resumed": resumed,  # train_seconds then covers the resumed part only
+        "trainable": summary["trainable"],
+        "trainable_backbone": sum(v for k, v in groups.items() if k != "head"),
+        "test_episodes": config.val_episodes,
+        "threads": torch.get_num_threads(),
+        "load_start": round(load_start, 2),
+        "load_end": round(os.getloadavg()[0], 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+    }
+
+
+__all__ = ["FOLDS", "SEEDS", "STRATEGIES", "StudyPlan", "claim", "read_records", "run_name", "run_study"]
