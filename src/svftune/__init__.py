@@ -57,7 +57,8 @@ __all__ = [
 # Checkpoints, adapters and the Hub (svftune.checkpoint, svftune.adapters, svftune.hub).
 from .adapters import active_adapter, delete_adapter, disable_adapter, list_adapters, mix_adapters, set_adapter
 from .cache import DecompositionCache
-from .checkpoint import SVFCheckpoint, SVFCheckpointError, load_svf, read_svf, save_svf
+from .checkpoint import SVFCheckpoint, load_svf, read_svf, save_svf
+from .errors import SVFCheckpointError
 from .hub import push_to_hub
 
 __all__ += [

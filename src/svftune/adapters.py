@@ -17,6 +17,9 @@ exactly ``W + sum_k w_k (W_k - W)``.
     with svftune.disable_adapter(model):
         base_out = model(x)                                  # the plain base model
     svftune.mix_adapters(model, {"a": 0.5, "b": 0.5}, name="ab")
+
+Errors of these functions (unknown or missing adapters, bad mix weights) are ``svftune.errors.SVFAdapterError``, a
+subclass of ``SVFCheckpointError``.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .errors import SVFAdapterError
 from .fingerprint import is_null_group
 from .model import svf_layers
 
 if TYPE_CHECKING:
-    from .checkpoint import LoadPlan, SVFCheckpoint
+    from .checkpoint.format import SVFCheckpoint
+    from .checkpoint.load import LoadPlan
 
 Run = tuple[int, int, int, Tensor, Tensor]  # (group, start, stop, U columns, Vh rows)
 
@@ -80,9 +85,7 @@ class AdapterSet:
 
 
 def _error(message: str) -> Exception:
-    from .checkpoint import SVFCheckpointError
-
-    return SVFCheckpointError(message)
+    return SVFAdapterError(message)
 
 
 def _adapter_set(model: nn.Module, create: bool = False) -> AdapterSet | None:
@@ -120,7 +123,7 @@ def adapter_from_checkpoint(model: nn.Module, checkpoint: SVFCheckpoint, plan: L
         The adapter, its tensors moved to the layers' devices and dtypes.
 
     Raises:
-        SVFCheckpointError: ``name`` is not a non-empty string.
+        SVFAdapterError: ``name`` is not a non-empty string.
     """
     if not isinstance(name, str) or not name:
         raise _error(f"adapter_name must be a non-empty string, got {name!r}")
@@ -207,7 +210,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
         name: the adapter to activate.
 
     Raises:
-        SVFCheckpointError: the model has no adapters, or none named ``name``.
+        SVFAdapterError: the model has no adapters, or none named ``name``.
 
     Examples:
         >>> import os, tempfile
@@ -246,7 +249,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         name: the adapter to delete.
 
     Raises:
-        SVFCheckpointError: the model has no adapters, or none named ``name``.
+        SVFAdapterError: the model has no adapters, or none named ``name``.
     """
     adapters = _require(model, name)
     if adapters.active == name:
@@ -269,7 +272,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         ``model`` itself.
 
     Raises:
-        SVFCheckpointError: the layers train ``U`` or ``V`` and their values were not loaded with ``load_svf``,
+        SVFAdapterError: the layers train ``U`` or ``V`` and their values were not loaded with ``load_svf``,
             so the base cannot be restored.
 
     Examples:
@@ -324,7 +327,7 @@ def mix_adapters(model: nn.Module, weights: Mapping[str, float], *, name: str = 
         name: the new adapter's name; an existing adapter of that name is replaced.
 
     Raises:
-        SVFCheckpointError: ``weights`` is empty or not a mapping, names an unknown adapter, holds a weight that
+        SVFAdapterError: ``weights`` is empty or not a mapping, names an unknown adapter, holds a weight that
             is not a number, or names an adapter that trained ``U`` or ``V`` (whose changes are not singular
             values).
 

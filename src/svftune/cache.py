@@ -21,11 +21,13 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import Tensor
 
+from ._io import atomic_write, read_safetensors, safetensors_bytes
 from .decompose import thin_svd
+from .errors import SVFCheckpointError
+from .fingerprint import _unit_vectors
 
 CACHE_VERSION = 1
 """Version of the entry layout; part of every key, so entries of another version are never read."""
@@ -108,18 +110,11 @@ class DecompositionCache:
         Returns:
             ``(U, S, Vh)`` (``S`` in float64), or ``None`` when the entry is missing, stale or damaged.
         """
-        from .checkpoint import SVFCheckpointError
-
         path = self.path(key)
         if not path.is_file():
             return None
         try:
-            try:  # memory-mapped read; safetensors validates the layout and never unpickles
-                with safetensors.safe_open(str(path), framework="pt") as file:
-                    header = file.metadata() or {}
-                    tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
-            except Exception as err:  # safetensors raises its own error type for every defect
-                raise SVFCheckpointError(f"unreadable: {err}") from None
+            header, tensors = read_safetensors(path)  # bounded, checked header; never unpickles
             if header.get("key") != key or set(tensors) != {"U", "S", "Vh"}:
                 raise SVFCheckpointError("it belongs to another weight")
             u, s, vh = (tensors[n].to(matrices.device) for n in ("U", "S", "Vh"))
@@ -145,8 +140,6 @@ class DecompositionCache:
             matrices: the decomposed matrices (for their dtype).
             factors: their ``(U, S, Vh)``.
         """
-        from .checkpoint import atomic_write
-
         storage = matrices.dtype if matrices.dtype in (torch.float32, torch.float64) else torch.float32
         u, s, vh = factors
         tensors = {"U": u.to("cpu", storage), "S": s.to("cpu", torch.float64), "Vh": vh.to("cpu", storage)}
@@ -154,7 +147,7 @@ class DecompositionCache:
         path = self.path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, safetensors.torch.save(tensors, metadata={"key": key, "version": str(CACHE_VERSION)}))
+            atomic_write(path, safetensors_bytes(tensors, {"key": key, "version": str(CACHE_VERSION)}))
         except OSError as err:
             warnings.warn(f"svftune cache: could not write {path} ({err}); continuing without caching", stacklevel=2)
 
@@ -200,8 +193,6 @@ def svd_problem(matrices: Tensor, u: Tensor, s: Tensor, vh: Tensor) -> str | Non
     Returns:
         Why it is not one, or ``None`` when it is.
     """
-    from .fingerprint import _unit_vectors
-
     groups, m, n = matrices.shape
     r = min(m, n)
     if u.shape != (groups, m, r) or s.shape != (groups, r) or vh.shape != (groups, r, n):

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from . import plots
-from .checkpoint import KINDS, SVFCheckpoint, SVFCheckpointError, atomic_write, load_svf, read_svf
+from ._io import atomic_write
+from .checkpoint import KINDS, SVFCheckpoint, SVFCheckpointError, load_svf, read_svf
 from .model import merge_svf, svf_layers
 
 _SUMMARY_LAYERS = 60

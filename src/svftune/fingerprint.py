@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .constants import exact_dtype
 
 SKETCH_SIZE = 4
 """Number of random projections in a sketch."""
@@ -57,10 +60,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
 
+def digest_prefix(dtype: str, shape: Sequence[int]) -> bytes:
+    """What ``weight_sha256`` hashes before a tensor's bytes: ``"{dtype};{shape};"``, e.g. ``float32;[8, 3];``."""
+    return f"{dtype};{[int(d) for d in shape]};".encode()
+
+
 def weight_sha256(weight: Tensor) -> str:
-    """Hex sha256 of a tensor's dtype, shape and bytes (moved to the CPU, made contiguous)."""
+    """Hex sha256 of a tensor's dtype, shape and bytes (moved to the CPU, made contiguous).
+
+    Checkpoints use it for the base weights' fingerprints and for the digest of every stored tensor.
+    """
     data = weight.detach().to("cpu").contiguous()
-    digest = hashlib.sha256(f"{dtype_name(data.dtype)};{list(data.shape)};".encode())
+    digest = hashlib.sha256(digest_prefix(dtype_name(data.dtype), data.shape))
     if data.numel():
         digest.update(data.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -105,7 +116,7 @@ def weight_sketch(weight: Tensor) -> tuple[float, list[float]]:
         that are the same on every machine.
     """
     matrix = weight.detach().reshape(weight.shape[0], -1)
-    exact = torch.float32 if matrix.device.type == "mps" else torch.float64
+    exact = exact_dtype(matrix.device)
     matrix = matrix.to(exact)
     m, n = matrix.shape
     left = _unit_vectors(m, SKETCH_SIZE, 0).to(matrix.device, exact)

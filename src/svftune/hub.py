@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_PREFIX, SVFCheckpointError, save_svf
+from .checkpoint.format import CARD_NAME, CONFIG_NAME, WEIGHTS_PREFIX
+from .checkpoint.save import save_svf
+from .errors import SVFCheckpointError
 
 _PATTERNS = [CONFIG_NAME, CARD_NAME, f"{WEIGHTS_PREFIX}-*.safetensors"]
 

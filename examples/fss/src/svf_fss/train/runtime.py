@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from svftune._io import atomic_write
+
 
 @dataclass
 class Process:
@@ -155,20 +157,10 @@ def provenance(seed: int) -> dict[str, Any]:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash leaves the old file or none."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` through ``svftune._io.atomic_write``: a crash leaves the old file or none."""
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``text`` to ``path`` through ``svftune._io.atomic_write``: a crash never leaves half a file."""
+    atomic_write(path, text.encode("utf-8"))
