@@ -55,6 +55,95 @@ def test_resnet_dilation_patch_matches_pfenet(backbones, name):
     assert backbone.layer2[0].conv2.stride == (2, 2)  # layer2 keeps its stride: output stride 8, not 4
 
 
+# Every 3x3 conv of layer3 / layer4 of a ResNet-50 (6 and 3 bottlenecks, one 3x3 conv each) per dilation style:
+# (module name, stride, dilation, padding). Written out by hand from the two schemes' definitions.
+PSPNET_3X3 = [(f"layer3.{i}.conv2", 1, 2, 2) for i in range(6)] + [(f"layer4.{i}.conv2", 1, 4, 4) for i in range(3)]
+TORCHVISION_3X3 = (
+    [("layer3.0.conv2", 1, 1, 1)]
+    + [(f"layer3.{i}.conv2", 1, 2, 2) for i in range(1, 6)]
+    + [("layer4.0.conv2", 1, 2, 2)]
+    + [(f"layer4.{i}.conv2", 1, 4, 4) for i in range(1, 3)]
+)
+
+
+def convs_3x3(backbone):
+    """(name, stride, dilation, padding) of every 3x3 conv of layer3 and layer4, checking they are square."""
+    rows = []
+    for stage in ("layer3", "layer4"):
+        for name, m in getattr(backbone, stage).named_modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                assert m.stride[0] == m.stride[1] and m.dilation[0] == m.dilation[1] and m.padding[0] == m.padding[1]
+                rows.append((f"{stage}.{name}", m.stride[0], m.dilation[0], m.padding[0]))
+    return rows
+
+
+@pytest.mark.parametrize("name", ["resnet50_v2", "resnet50"])
+@pytest.mark.parametrize("style, expected", [("pspnet", PSPNET_3X3), ("torchvision", TORCHVISION_3X3)])
+def test_dilation_styles_list_every_3x3_conv_of_layer3_and_layer4(name, style, expected):
+    torch.manual_seed(0)
+    backbone = build_backbone(name, dilation=style)
+    assert backbone.dilation == style and backbone.output_stride == 8
+    assert convs_3x3(backbone) == expected
+    for stage in (backbone.layer3, backbone.layer4):
+        assert stage[0].downsample[0].stride == (1, 1)  # the stride is removed from the shortcut too
+        assert all(m.stride == (1, 1) for m in stage.modules() if isinstance(m, nn.Conv2d))
+    assert backbone.layer2[0].conv2.stride == (2, 2) and backbone.layer2[0].conv2.dilation == (1, 1)
+    assert all(m.dilation == (1, 1) for m in backbone.layer2.modules() if isinstance(m, nn.Conv2d))
+    backbone.eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 65, 65))
+    assert [(f.shape[1], f.shape[2]) for f in features] == EXPECTED[name]
+
+
+def test_torchvision_style_is_torchvision_s_replace_stride_with_dilation():
+    """Our 'torchvision' style on torchvision's ResNet-50 has the same geometry as torchvision's own
+    ``replace_stride_with_dilation=[False, True, True]`` for every conv of the network."""
+    ours = build_backbone("resnet50", dilation="torchvision")
+    reference = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+
+    def geometry(modules):
+        return [(m.stride, m.dilation, m.padding) for m in modules if isinstance(m, nn.Conv2d)]
+
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        assert geometry(getattr(ours, stage).modules()) == geometry(getattr(reference, stage).modules()), stage
+
+
+def test_the_two_styles_differ_from_layer3_on_with_the_same_weights():
+    torch.manual_seed(0)
+    pspnet = build_backbone("resnet50_v2").eval()
+    torchvision_style = build_backbone("resnet50_v2", dilation="torchvision")
+    torchvision_style.load_state_dict(pspnet.state_dict())
+    x = torch.randn(1, 3, 49, 49)
+    with torch.no_grad():
+        a, b = pspnet(x), torchvision_style.eval()(x)
+    for index in range(3):
+        torch.testing.assert_close(a[index], b[index], rtol=0, atol=0)
+    for index in (3, 4):
+        assert a[index].shape == b[index].shape
+        assert (a[index] - b[index]).norm() > 1e-3 * a[index].norm()
+
+
+def test_dilation_style_errors_and_the_backbones_without_styles():
+    with pytest.raises(ValueError, match=r"unknown dilation style 'deeplab'.*pspnet.*torchvision"):
+        build_backbone("resnet50_v2", dilation="deeplab")
+    with pytest.raises(ValueError, match="mobilenet_v2 has only the 'pspnet'"):
+        build_backbone("mobilenet_v2", dilation="torchvision")
+    for style in ("pspnet", "torchvision"):  # VGG16 is dilated in none of the codes: the style has no effect
+        vgg = build_backbone("vgg16_bn", dilation=style)
+        assert vgg.dilation is None and vgg.output_stride == 16
+        assert all(m.dilation == (1, 1) for m in vgg.modules() if isinstance(m, nn.Conv2d))
+    assert build_backbone("resnet50_v2", dilate=False).dilation is None
+
+
+def test_build_model_passes_the_style_and_refuses_a_mismatch(backbones):
+    model = build_model("baseline", "resnet50", 1, "frozen", dilation="torchvision")
+    assert model.backbone.dilation == "torchvision" and convs_3x3(model.backbone) == TORCHVISION_3X3
+    built = copy.deepcopy(backbones["resnet50"])
+    assert build_model("baseline", built, 1, "frozen").backbone is built  # no style named: keeps its own
+    with pytest.raises(ValueError, match="dilated 'pspnet'"):
+        build_model("baseline", copy.deepcopy(backbones["resnet50"]), 1, "frozen", dilation="torchvision")
+
+
 def test_undilated_resnet_has_output_stride_32():
     with torch.no_grad():
         features = build_backbone("resnet50_v2", dilate=False).eval()(torch.randn(1, 3, 65, 65))

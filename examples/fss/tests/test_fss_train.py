@@ -51,7 +51,7 @@ def tiny(mini_root: Path, out: Path, **values) -> dict:
 # ------------------------------------------------------------------------------------------- configs
 def test_committed_configs_are_what_the_generator_writes(tmp_path):
     written = write_configs(tmp_path)
-    assert len(written) == 40
+    assert len(written) == 48
     for path in written:
         committed = CONFIGS / path.relative_to(tmp_path)
         assert committed.read_text() == path.read_text(), f"{committed} is stale: run `svf-fss make-configs`"
@@ -64,10 +64,26 @@ def test_every_row_config_loads(path):
     assert config.method in ("baseline", "pfenet", "bam")
     if path.stem == "bam-base":
         assert config.schedule == "poly" and config.scale == [0.5, 2.0] and config.crop == 417
+    elif path.stem.endswith("-release"):  # the SVF release's own settings
+        assert config.kshot == "sum" and config.dilation == "torchvision"
+        assert config.schedule == ("constant" if config.strategy == "svf" else "poly")
     elif config.strategy == "svf" and path.parent.name != "ablations":
         assert config.schedule == "cosine" and config.lr == 0.015
+    if not path.stem.endswith("-release"):
+        assert config.kshot == "mean"
     if config.strategy == "frozen":
         assert config.schedule == "poly"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.toml") if p.parent.name != "base"))
+def test_every_row_config_states_the_dilation_of_the_code_behind_its_row(path):
+    """The SVF release's baseline and PFENet use the torchvision-style ResNet, its BAM (and BAM's and PFENet's own
+    code, which the frozen PFENet/BAM rows follow) the PSPNet patch; the key is in the file, not left to defaults."""
+    text = path.read_text()
+    assert text.count("\ndilation = ") == 1, f"{path} does not state its dilation style"
+    config = load_config(path)
+    svf_release_model = config.method == "baseline" or (config.method == "pfenet" and config.strategy != "frozen")
+    assert config.dilation == ("torchvision" if svf_release_model else "pspnet")
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -54,11 +54,53 @@ def normalize(
     return out.sub_(_channel(mean) * 255.0).div_(_channel(std) * 255.0)
 
 
-def resize(img: torch.Tensor, lbl: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear (half-pixel centres, no antialiasing) for the image, nearest for the label maps."""
+NEAREST_RULES = ("opencv", "floor")
+
+
+def nearest_source_index(n_in: int, n_out: int, scale: float | None = None, rule: str = "opencv") -> torch.Tensor:
+    """Source index of every output position of a nearest-neighbour resize from ``n_in`` to ``n_out`` samples.
+
+    ``rule="opencv"`` (default) is OpenCV's ``INTER_NEAREST``, which the public FSS code uses for labels and masks:
+    ``min(floor(x * (1 / f)), n_in - 1)`` in float64, where ``f = n_out / n_in`` (``cv2.resize`` given ``dsize``) or
+    the given ``scale`` (``cv2.resize(..., fx=scale)``, as the public RandScale calls it). ``rule="floor"`` is the
+    exact ``x * n_in // n_out`` in integers. The two agree on the test sizes (500 -> 472, 375 -> 354, ...) but not
+    everywhere: OpenCV's rounded reciprocal lands one low where ``x * n_in / n_out`` is a whole number on some size
+    pairs (2 -> 98 maps output 49 to 0, not 1). ``torch.nn.functional.interpolate(mode="nearest")`` follows neither:
+    its float32 scale lands one low on other lines (500 -> 472: outputs 118 and 236 take 124 and 249, not 125, 250).
+    """
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"sizes must be >= 1, got {n_in} -> {n_out}")
+    if rule == "floor":
+        if scale is not None:
+            raise ValueError("rule='floor' is defined by the two sizes; drop scale=")
+        return torch.arange(n_out, dtype=torch.int64) * n_in // n_out
+    if rule != "opencv":
+        raise ValueError(f"unknown nearest rule {rule!r}: choose one of {', '.join(NEAREST_RULES)}")
+    factor = float(scale) if scale is not None else n_out / n_in
+    if not factor > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    source = torch.floor(torch.arange(n_out, dtype=torch.float64) * (1.0 / factor)).to(torch.int64)
+    return source.clamp_(max=n_in - 1)
+
+
+def resize_nearest(
+    maps: torch.Tensor, h: int, w: int, scale: float | None = None, rule: str = "opencv"
+) -> torch.Tensor:
+    """Nearest-neighbour resize of label maps ``(..., H, W)`` to ``(h, w)`` by :func:`nearest_source_index`
+    (``scale``: the factor ``cv2.resize(..., fx=scale, fy=scale)`` would get; ``None``: from the sizes)."""
+    rows = nearest_source_index(maps.shape[-2], h, scale, rule)
+    cols = nearest_source_index(maps.shape[-1], w, scale, rule)
+    return maps.index_select(-2, rows).index_select(-1, cols)
+
+
+def resize(
+    img: torch.Tensor, lbl: torch.Tensor, h: int, w: int, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear (half-pixel centres, no antialiasing) for the image, OpenCV's nearest (:func:`resize_nearest`,
+    with ``scale`` when the size came from a scale factor) for the label maps."""
     img = F.interpolate(img[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     if lbl.shape[0]:
-        lbl = F.interpolate(lbl[None], size=(h, w), mode="nearest")[0]
+        lbl = resize_nearest(lbl, h, w, scale)
     return img, lbl
 
 
@@ -179,7 +221,8 @@ class TrainTransform:
         img, lbl = _to_tensors(image, maps)
         _, h, w = img.shape
         s = rng.uniform(*self.scale)
-        img, lbl = resize(img, lbl, max(1, round(h * s)), max(1, round(w * s)))
+        # sizes rounded half to even like cv2.resize(fx=s) (saturate_cast); labels sampled with its 1 / s
+        img, lbl = resize(img, lbl, max(1, round(h * s)), max(1, round(w * s)), scale=s)
         if rng.random() < self.rotate_p:
             img, lbl = rotate(img, lbl, rng.uniform(*self.rotate), self._fill)
         if rng.random() < self.blur_p:

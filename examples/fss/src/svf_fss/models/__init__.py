@@ -16,10 +16,18 @@ from pathlib import Path
 
 from torch import nn
 
-from .backbones import BACKBONES, STAGES, Backbone, build_backbone, offline_mobilenet_v2_weights
+from .backbones import (
+    BACKBONES,
+    DILATION_STYLES,
+    STAGES,
+    Backbone,
+    build_backbone,
+    check_dilation,
+    offline_mobilenet_v2_weights,
+)
 from .bam import BAM, PSPNet, load_pspnet_weights
 from .base import FewShotSegmenter
-from .baseline import Baseline
+from .baseline import KSHOT_RULES, Baseline, check_kshot
 from .pfenet import COCO_BINS, PASCAL_BINS, PFENet
 from .strategies import STRATEGIES, Strategy, apply_strategy, backbone_param_groups, parse_strategy
 from .weights import BackboneWeightsError, load_backbone_weights
@@ -44,6 +52,8 @@ def build_model(
     svf_form: str = "auto",
     strategy_layers: Sequence[str] | str | None = None,
     conv_kind: str | None = None,
+    dilation: str | None = None,
+    kshot: str = "mean",
 ) -> FewShotSegmenter:
     """Build a few-shot model and apply its backbone strategy.
 
@@ -66,11 +76,28 @@ def build_model(
         checkpoint_backbone: recompute backbone stages in the backward (activation checkpointing).
         svf_form: svftune training form for SVF strategies.
         strategy_layers, conv_kind: override the strategy's stages / conv kind.
+        dilation: the ResNets' dilation style when ``backbone`` is a name: ``"pspnet"`` (``None`` = this default;
+            every 3x3 conv of layer3/layer4 dilated 2/4, PFENet's and BAM's code) or ``"torchvision"`` (the first
+            block of layer3/layer4 keeps 1/2, the SVF release's baseline and PFENet); see
+            :func:`svf_fss.models.backbones.dilate_resnet`. A built backbone (or BAM's trained PSPNet) keeps its own;
+            naming a different style for it is an error.
+        kshot: baseline only: ``"mean"`` (default) or ``"sum"`` (the SVF release's rule) over the shots' prototypes
+            and priors. PFENet averages and BAM weights its shots whatever this says; they refuse ``"sum"``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if dataset not in BASE_CLASSES:
         raise ValueError(f"unknown dataset {dataset!r}: choose 'pascal' or 'coco'")
+    if dilation is not None:
+        check_dilation(dilation)
+        given = base_learner.backbone if isinstance(base_learner, PSPNet) else backbone
+        if isinstance(given, Backbone) and given.dilation not in (None, dilation):
+            raise ValueError(
+                f"dilation={dilation!r}, but the given {given.name} backbone is dilated {given.dilation!r}: "
+                "build it with that style (build_backbone(..., dilation=...)) or drop dilation="
+            )
+    if check_kshot(kshot) != "mean" and method != "baseline":
+        raise ValueError(f"kshot={kshot!r} is the baseline's option; {method} combines its shots its own way")
     if method == "bam" and base_learner is not None and weights is not None:
         raise ValueError("BAM takes its backbone from the base learner (stage-1 PSPNet): drop weights=")
     if method == "bam" and isinstance(base_learner, PSPNet):
@@ -81,12 +108,12 @@ def build_model(
             raise ValueError(f"backbone {name!r} is not the base learner's backbone ({base_learner.backbone.name!r})")
         backbone = base_learner.backbone
     elif isinstance(backbone, str):
-        backbone = build_backbone(backbone, weights=weights)
+        backbone = build_backbone(backbone, weights=weights, dilation=dilation or "pspnet")
     elif weights is not None:
         load_backbone_weights(backbone, weights)
 
     if method == "baseline":
-        model: FewShotSegmenter = Baseline(backbone, shots)
+        model: FewShotSegmenter = Baseline(backbone, shots, kshot=kshot)
     elif method == "pfenet":
         bins = pyramid_bins or (PASCAL_BINS if dataset == "pascal" else COCO_BINS)
         model = PFENet(backbone, shots, bins=bins)
@@ -108,14 +135,19 @@ def build_model(
 
 
 def build_pspnet(
-    backbone: str | Backbone = "resnet50_v2", dataset: str = "pascal", *, weights: WeightsLike = None
+    backbone: str | Backbone = "resnet50_v2",
+    dataset: str = "pascal",
+    *,
+    weights: WeightsLike = None,
+    dilation: str = "pspnet",
 ) -> PSPNet:
     """BAM's stage-1 base learner: a PSPNet over the dataset's base classes + background (16 Pascal, 61 COCO),
-    its backbone loaded from ImageNet ``weights``. It trains whole (BatchNorm in training mode), as in BAM."""
+    its backbone loaded from ImageNet ``weights``. It trains whole (BatchNorm in training mode), as in BAM.
+    ``dilation``: the ResNets' dilation style (BAM's code and the SVF release's PSPNet: ``"pspnet"``)."""
     if dataset not in BASE_CLASSES:
         raise ValueError(f"unknown dataset {dataset!r}: choose 'pascal' or 'coco'")
     if isinstance(backbone, str):
-        backbone = build_backbone(backbone, weights=weights)
+        backbone = build_backbone(backbone, weights=weights, dilation=dilation)
     elif weights is not None:
         load_backbone_weights(backbone, weights)
     return PSPNet(backbone, BASE_CLASSES[dataset] + 1)
@@ -133,6 +165,8 @@ __all__ = [
     "BAM",
     "BASE_CLASSES",
     "COCO_BINS",
+    "DILATION_STYLES",
+    "KSHOT_RULES",
     "METHODS",
     "PASCAL_BINS",
     "STAGES",

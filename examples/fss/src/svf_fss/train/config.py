@@ -35,6 +35,8 @@ class RunConfig:
     method: str = "baseline"  # baseline | pfenet | bam
     backbone: str = "resnet50_v2"  # resnet50_v2 | resnet50 | vgg16_bn | mobilenet_v2
     backbone_weights: str | None = None  # ImageNet weights file ("offline": the bundled MobileNetV2)
+    dilation: str = "pspnet"  # ResNet layer3/4 dilation: pspnet (every block 2/4) | torchvision (first block 1/2)
+    kshot: str = "mean"  # baseline's K-shot rule for prototypes and priors: mean | sum (the SVF release's)
     strategy: str = "svf"  # see svf_fss.models.strategies (frozen, svf, full, bn, svf+bn, bias, svf-u, ...)
     strategy_layers: list[str] | None = None  # stages the strategy acts on (default: its own, SVF: layer2-4)
     conv_kind: str | None = None  # partial fine-tuning by conv kind: "3x3" or "1x1"
@@ -79,6 +81,9 @@ class RunConfig:
         checks = [
             (self.dataset in ("pascal", "coco", "mini"), "dataset must be pascal, coco or mini"),
             (self.method in ("baseline", "pfenet", "bam"), "method must be baseline, pfenet or bam"),
+            (self.dilation in ("pspnet", "torchvision"), "dilation must be pspnet or torchvision"),
+            (self.kshot in ("mean", "sum"), "kshot must be mean or sum"),
+            (self.kshot == "mean" or self.method == "baseline", "kshot=sum is the baseline's option only"),
             (0 <= self.fold <= 3, "fold must be 0, 1, 2 or 3"),
             (self.shots >= 1, "shots must be >= 1"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),

@@ -33,6 +33,21 @@ BACKBONES = {"resnet50_v2": "weights/resnet50_v2.pth", "vgg16_bn": "weights/vgg1
 # Frozen-backbone rows train like the original methods: poly lr at the EFFECTIVE rate of the public code,
 # which multiplies every group's lr by 10 (protocol section 8). The baseline is BAM's meta learner.
 FROZEN_LR = {"baseline": 0.05, "pfenet": 0.025, "bam": 0.05}
+# Backbone dilation style of the code that produced each row of the SVF paper (the SVF release,
+# zechao-li/SVF-few-shot-segmentation; see MODELS.md "Dilation and K-shot rule per config"): its baseline
+# (model/aspp.py) and PFENet (model/pfenet.py) take the torchvision-style ResNet of model/module/resnet.py; its BAM
+# takes the backbone of its PSPNet (model/module/PSPNet.py), which patches every 3x3 conv like PFENet's and BAM's
+# own code. The frozen PFENet and BAM rows train like the original methods (lr, schedule) and keep their code's
+# PSPNet patch. VGG16 is dilated by none of them: the key is written for every config and has no effect there.
+DILATION = {("baseline", "frozen"): "torchvision", ("baseline", "svf"): "torchvision", ("pfenet", "svf"): "torchvision"}
+# The SVF release's own training settings for its baseline (configs `baseline-release.toml`,
+# `baseline-svf-release.toml`): K-shot sum, torchvision dilation; frozen: poly at 0.015 x 10 (its poly_learning_rate
+# multiplies every group by 10, index_split = -1); SVF: constant lr 0.015 (its cosine scheduler is rebuilt every
+# iteration).
+RELEASE = {
+    "frozen": {"strategy": "frozen", "schedule": "poly", "lr": 0.15},
+    "svf": {"strategy": "svf", "schedule": "constant", "lr": 0.015},
+}
 ABLATIONS = {
     "full": {"strategy": "full"},
     "bias": {"strategy": "bias"},
@@ -66,7 +81,8 @@ def _write(path: Path, values: dict[str, object]) -> Path:
 
 
 def write_configs(out: Path) -> list[Path]:
-    """Write base files, the 24 table rows (dataset x backbone x method x SVF) and the ablation rows."""
+    """Write base files, the 24 table rows (dataset x backbone x method x SVF), BAM's 4 stage-1 configs, the 8
+    release-convention baseline configs and the ablation rows. Every row config states its ``dilation``."""
     paths = [_write(out / "base" / f"{name}.toml", values) for name, values in BASES.items()]
     for dataset in BASES:
         for backbone, weights in BACKBONES.items():
@@ -78,6 +94,7 @@ def write_configs(out: Path) -> list[Path]:
                 frozen = {
                     "description": f"{method}† frozen backbone ({dataset}, {backbone})",
                     **common,
+                    "dilation": DILATION.get((method, "frozen"), "pspnet"),
                     "strategy": "frozen",
                     "schedule": "poly",
                     "lr": frozen_lr,
@@ -85,6 +102,7 @@ def write_configs(out: Path) -> list[Path]:
                 svf = {
                     "description": f"{method}†+SVF ({dataset}, {backbone}): singular values of layers 2-4",
                     **common,
+                    "dilation": DILATION.get((method, "svf"), "pspnet"),
                     "strategy": "svf",
                     "schedule": "cosine",
                     "lr": 0.015,
@@ -96,6 +114,7 @@ def write_configs(out: Path) -> list[Path]:
                         "method": "bam",
                         "backbone": backbone,
                         "backbone_weights": weights,
+                        "dilation": "pspnet",
                         "epochs": 100 if dataset == "pascal" else 20,
                         "crop": 417,
                         "scale": [0.5, 2.0],
@@ -107,6 +126,19 @@ def write_configs(out: Path) -> list[Path]:
                     paths.append(_write(out / dataset / backbone / "bam-base.toml", stage1))
                 paths.append(_write(out / dataset / backbone / f"{method}.toml", frozen))
                 paths.append(_write(out / dataset / backbone / f"{method}-svf.toml", svf))
+                if method == "baseline":
+                    for strategy, values in RELEASE.items():
+                        name = "baseline" if strategy == "frozen" else "baseline-svf"
+                        release = {
+                            "description": f"{name} with the SVF release's conventions ({dataset}, {backbone}): "
+                            "torchvision dilation, K-shot sum, its lr schedule",
+                            **common,
+                            "dilation": "torchvision",
+                            "kshot": "sum",
+                            **values,
+                            "output": f"runs/{dataset}/{backbone}/{name}-release/{{shots}}shot/fold{{fold}}",
+                        }
+                        paths.append(_write(out / dataset / backbone / f"{name}-release.toml", release))
     for name, values in ABLATIONS.items():
         row = {
             "description": f"ablation (Pascal 1-shot, baseline†, ResNet-50): {name}",
@@ -114,6 +146,7 @@ def write_configs(out: Path) -> list[Path]:
             "method": "baseline",
             "backbone": "resnet50_v2",
             "backbone_weights": BACKBONES["resnet50_v2"],
+            "dilation": DILATION[("baseline", "svf")],
             "schedule": "cosine",
             "lr": 0.015,
             **values,
