@@ -49,7 +49,14 @@ class Report:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data: dict[str, Any] = {"checks": [], "metrics": {}, "tables": [], "notes": [], "skip": None}
+        self.data: dict[str, Any] = {
+            "checks": [],
+            "metrics": {},
+            "tables": [],
+            "notes": [],
+            "skip": None,
+            "partial": [],
+        }
 
     def check(self, name: str, ok: bool, value: Any = None, limit: Any = None, detail: str = "") -> bool:
         """Record a pass/fail check (``value`` against ``limit``); returns ``ok``."""
@@ -73,6 +80,11 @@ class Report:
         """A sentence for the report (what was left out, and why)."""
         self.data["notes"].append(text)
         self.save()
+
+    def short(self, what: str) -> None:
+        """Record a part left out for lack of time (the section then counts as partial)."""
+        self.data["partial"].append(what)
+        self.note(f"{what}: skipped, section time used up")
 
     def skip(self, reason: str) -> None:
         """Mark the whole section as skipped, with the reason."""
@@ -104,6 +116,10 @@ class Context:
     def left(self) -> float:
         """Seconds until the deadline."""
         return self.deadline - time.time()
+
+    def time_for(self, cuda_seconds: float) -> bool:
+        """Whether ``cuda_seconds`` are left (a fifth of that with ``--quick``, whose sizes are tiny)."""
+        return self.left() >= (cuda_seconds / 5 if self.quick else cuda_seconds)
 
     def sync(self) -> None:
         if self.cuda:
@@ -204,7 +220,7 @@ def time_calls(
                 tic = time.perf_counter()
                 fns[name]()
                 times[name].append(time.perf_counter() - tic)
-        if time.time() > stop or ctx.left() < 5:
+        if time.time() > stop or not ctx.time_for(5):
             break
     return times
 

@@ -111,8 +111,8 @@ def _vgg(ctx: Context, rows: list) -> None:
     others = [w for i, w in enumerate(weights) if i != big]
     for dtype in (torch.float32, torch.float64):
         key = f"svd_{str(dtype).split('.')[-1]}"
-        if ctx.left() < 10:
-            report.note(f"VGG bare {key}: skipped, section time used up")
+        if not ctx.time_for(10):
+            report.short(f"VGG bare {key}")
             continue
         rest = timed(lambda d=dtype: _bare(others, d), ctx)
         report.metric(f"vgg.{key}_without_classifier_seconds", rest)
@@ -137,9 +137,9 @@ def run(ctx: Context) -> None:
     thin_svd(torch.randn(1, 64, 32, device=ctx.device))  # start cuSOLVER/LAPACK before timing anything
     torch.linalg.svd(torch.randn(64, 32, device=ctx.device), full_matrices=False)
     _resnet(ctx, rows)
-    if ctx.left() > 10:
+    if ctx.time_for(10):
         _vgg(ctx, rows)
     else:
-        ctx.report.note("VGG16: skipped, section time used up")
+        ctx.report.short("VGG16")
     header = ["model", "layers", "apply_svf (s)", "thin_svd (s)", "bare svd float64 (s)", "bare svd float32 (s)"]
     ctx.report.table(f"Decomposition on {ctx.device} (medians)", [*header, "apply / bare float64"], rows)

@@ -130,8 +130,8 @@ def _check_model(ctx: Context, name: str, plain: nn.Module, x: Tensor, rows: lis
     for mode in MODES:
         if mode not in ctx.modes():
             continue
-        if ctx.left() < 10:
-            report.note(f"{name}/{mode}: skipped, section time used up")
+        if not ctx.time_for(10):
+            report.short(f"{name}/{mode}")
             continue
         out_tol, grad_tol = TOL[mode]
         floor_out, floor_grad = _floor(svf, x, probe, mode, factors)
@@ -157,8 +157,8 @@ def _check_model(ctx: Context, name: str, plain: nn.Module, x: Tensor, rows: lis
 def run(ctx: Context) -> None:
     rows: list = []
     for name, plain, x in _models(ctx):
-        if ctx.left() < 15:
-            ctx.report.note(f"{name}: skipped, section time used up")
+        if not ctx.time_for(15):
+            ctx.report.short(name)
             continue
         _check_model(ctx, name, plain, x, rows)
         del plain

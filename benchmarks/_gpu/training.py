@@ -143,8 +143,8 @@ def auto_choices(ctx: Context, plain: nn.Module, svf: nn.Module, x: Tensor, dtyp
         groups.setdefault(key, []).append(name)
     rows, missed, near = [], [], 0
     for (weight, stride, dilation, shape, in_dtype, needs_grad), names in groups.items():
-        if ctx.left() < 8:
-            report.note(f"{label}: per-layer timing stopped after {len(rows)} of {len(groups)} layer shapes (time)")
+        if not ctx.time_for(8):
+            report.short(f"{label}: per-layer timing of {len(groups) - len(rows)} of {len(groups)} layer shapes")
             break
         svf_layer = svf.get_submodule(names[0])
         modules = {}
@@ -202,8 +202,8 @@ def run(ctx: Context) -> None:
     rows, layer_rows = [], []
     for index, (label, dtype) in enumerate(DTYPES.items()):
         left_modes = len(DTYPES) - index
-        if ctx.left() < 15:
-            report.note(f"{label}: skipped, section time used up")
+        if not ctx.time_for(15):
+            report.short(label)
             continue
         rows += measure(ctx, models, x, dtype, ctx.left() * 0.55 / left_modes, label)
         layer_rows += auto_choices(ctx, plain, models["auto"], x, dtype, label)
