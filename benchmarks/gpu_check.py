@@ -122,8 +122,12 @@ def environment(device: str) -> dict:
             gpu_capability=f"{props.major}.{props.minor}",
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             gpu_count=torch.cuda.device_count(),
-            nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
         )
+        try:
+            version = torch.cuda.nccl.version()  # a tuple in recent torch, an int in older ones
+            info["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        except Exception as err:  # the header must never stop the run
+            info["nccl"] = f"unknown ({type(err).__name__})"
     for name in PACKAGES:
         try:
             info[name] = importlib.metadata.version(name)
