@@ -145,6 +145,54 @@ def test_malformed_labels_and_lines_raise_data_error(tiny):
         load_stats(tiny, "train", cache_dir=False)
 
 
+RELEASE_PREFIX = "/root/paddlejob/workspace/env_run/datsets/voc/VOC2012/"  # the SVF release's per-fold lists
+
+
+def release_list(root: Path, names) -> Path:
+    """A list written like the SVF release's fss_list/*/data_list_F.txt: absolute paths from another machine."""
+    path = root / "data_list_0.txt"
+    path.write_text(
+        "".join(f"{RELEASE_PREFIX}JPEGImages/{n}.jpg {RELEASE_PREFIX}SegmentationClassAug/{n}.png\n" for n in names)
+    )
+    return path
+
+
+def test_release_lists_with_absolute_prefixes_read_with_list_prefix(tiny):
+    plain = load_stats(tiny, "train", cache_dir=False)
+    listed = release_list(tiny, plain.ids)
+    with pytest.raises(DataError, match=r"(?s)missing.*paths are absolute.*--list-prefix auto.*paddlejob") as err:
+        load_stats(tiny, "train", list_file=listed, cache_dir=False)
+    assert RELEASE_PREFIX in str(err.value)  # the hint names the exact prefix to strip
+    for prefix in ("auto", RELEASE_PREFIX, RELEASE_PREFIX.rstrip("/")):
+        stats = load_stats(tiny, "train", list_file=listed, cache_dir=False, list_prefix=prefix)
+        assert stats.pairs == plain.pairs and stats.key == plain.key and stats.counts == plain.counts
+    fold = build_fold_list(load_stats(tiny, "train", list_file=listed, list_prefix="auto", cache_dir=False), 0, "train")
+    assert fold.ids == build_fold_list(plain, 0, "train").ids
+
+
+def test_list_prefix_errors_name_the_line(tiny):
+    listed = release_list(tiny, ["exact2048"])
+    with pytest.raises(DataError, match=r"line 1: '/root/paddlejob.*' does not start with the list prefix '/data/'"):
+        read_list(listed, list_prefix="/data/")
+    listed.write_text("/somewhere/else/a.jpg /somewhere/else/a.png\n")
+    with pytest.raises(DataError, match=r"line 1: '/somewhere/else/a\.jpg' holds none of the folders JPEGImages"):
+        read_list(listed, list_prefix="auto")
+    # COCO keeps everything from its image or annotation folder on
+    listed.write_text("/mnt/coco/train2014/x.jpg /mnt/coco/annotations/train2014/x.png\n")
+    assert read_list(listed, "coco", list_prefix="auto") == [("train2014/x.jpg", "annotations/train2014/x.png")]
+
+
+def test_long_lines_are_cut_in_errors(tiny):
+    listed = tiny / "sub_class_file_list_0.txt"
+    line = "{1: [" + ", ".join(f"('{RELEASE_PREFIX}JPEGImages/{i}.jpg', 'x.png')" for i in range(600)) + "]}"
+    listed.write_text(line + "\n")
+    with pytest.raises(DataError) as err:
+        read_list(listed)
+    message = str(err.value)
+    assert f"... ({len(line)} chars)" in message and "sub_class_file_list" in message and "data_list_F.txt" in message
+    assert len(message.splitlines()[0]) < 600 < len(line)
+
+
 def test_image_label_size_mismatch_is_reported_when_loading(tmp_path):
     root = make_voc(tmp_path / "voc", {"a": {1: 2048}, "b": {1: 2048}, "c": {1: 2048}}, "val")
     Image.new("RGB", (32, 48)).save(root / "JPEGImages" / "b.jpg")

@@ -181,6 +181,54 @@ def test_k_identical_shots_equal_one_shot(method, plain):
     torch.testing.assert_close(five, one, rtol=1e-5, atol=1e-5)
 
 
+def test_baseline_kshot_sum_is_k_times_the_mean(plain):
+    """kshot="sum" (the SVF release's rule) hands the meta learner K x the averaged prototype and prior; at 1 shot
+    the two rules are the same model. References: the per-shot features summed in float64."""
+    torch.manual_seed(0)
+    mean = build_model("baseline", plain("mobilenet_v2"), 5, "frozen").eval()
+    summed = build_model("baseline", plain("mobilenet_v2"), 5, "frozen", kshot="sum").eval()
+    summed.load_state_dict(mean.state_dict())
+    assert (mean.kshot, summed.kshot) == ("mean", "sum")
+    query, supports, support_masks, *_ = episode(5, batch=2, seed=3)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args):
+            seen[name] = [a.detach().clone() for a in args]
+
+        return hook
+
+    with torch.no_grad():
+        features = mean.encode(query, supports, support_masks)
+        mean.meta.register_forward_pre_hook(keep("mean"))
+        summed.meta.register_forward_pre_hook(keep("sum"))
+        mean(query, supports, support_masks)
+        summed(query, supports, support_masks)
+    (q_mean, proto_mean, prior_mean), (q_sum, proto_sum, prior_sum) = seen["mean"], seen["sum"]
+    torch.testing.assert_close(q_sum, q_mean, rtol=0, atol=0)
+    torch.testing.assert_close(proto_sum, 5 * proto_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(prior_sum, 5 * prior_mean, rtol=1e-6, atol=1e-6)
+    reference = features.prototypes.double().sum(dim=1)
+    torch.testing.assert_close(proto_sum.double(), reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(prior_sum.double(), features.priors.double().sum(dim=1), rtol=1e-6, atol=1e-7)
+    assert prior_sum.max() > 1.5  # five priors in [0, 1] added, not averaged
+
+    one_mean = build_model("baseline", plain("mobilenet_v2"), 1, "frozen").eval()
+    one_sum = build_model("baseline", plain("mobilenet_v2"), 1, "frozen", kshot="sum").eval()
+    one_sum.load_state_dict(one_mean.state_dict())
+    query, supports, support_masks, *_ = episode(1, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(one_sum(query, supports, support_masks), one_mean(query, supports, support_masks))
+
+
+def test_kshot_rule_is_the_baseline_s_option(plain):
+    with pytest.raises(ValueError, match="unknown K-shot rule 'max'"):
+        build_model("baseline", plain("mobilenet_v2"), 5, "frozen", kshot="max")
+    for method in ("pfenet", "bam"):
+        with pytest.raises(ValueError, match="the baseline's option"):
+            build_model(method, plain("mobilenet_v2"), 5, "frozen", kshot="sum")
+
+
 def test_bam_k_identical_shots_equal_one_shot(plain):
     """BAM's K-shot weights are a softmax: identical shots reproduce the 1-shot model (sharing all weights)."""
     torch.manual_seed(0)

@@ -40,9 +40,9 @@ def _register_figures(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--by", choices=("absolute", "relative"), default="absolute", help="rank changes by S - S0 or (S - S0) / S0"
     )
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint (default best)")
     p.add_argument("--data", help="dataset folder, if the runs' config data_root does not lead to it")
-    p.add_argument("--dpi", type=int, default=100)
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG files (default 100)")
     p.set_defaults(func=_figures)
 
 

@@ -48,7 +48,7 @@ def _build_lists(args: argparse.Namespace) -> int:
     report: dict = {}
     for split in ("train", "val"):
         list_file = args.train_list if split == "train" else args.val_list
-        stats = load_stats(args.root, split, args.dataset, list_file, cache, args.workers)
+        stats = load_stats(args.root, split, args.dataset, list_file, cache, args.workers, args.list_prefix)
         for trick in (True, False) if split == "train" else (True,):
             for fold in folds:
                 fl = build_fold_list(stats, fold, split, trick, args.min_pixels, args.fold_split)
@@ -68,7 +68,8 @@ def _episodes(args: argparse.Namespace) -> int:
     from .episodes import make_episodes
     from .lists import build_fold_list, load_stats
 
-    stats = load_stats(args.root, args.split, args.dataset, args.list, False if args.no_cache else None)
+    cache = False if args.no_cache else None
+    stats = load_stats(args.root, args.split, args.dataset, args.list, cache, list_prefix=args.list_prefix)
     fl = build_fold_list(stats, args.fold, args.split, not args.no_trick, fold_split=args.fold_split)
     seeds = BAM_TEST_SEEDS if args.bam_seeds else [args.seed]
     for seed in seeds:
@@ -83,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the data subcommands to the top-level parser's subparsers."""
     p = sub.add_parser("make-mini", help="generate the offline mini benchmark (Pascal layout, 20 classes)")
     p.add_argument("out", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--train", type=int, default=320, help="train images (default 320)")
     p.add_argument("--val", type=int, default=160, help="val images (default 160)")
     p.add_argument("--fashion-dir", help="folder with Fashion-MNIST t10k-*.gz (default: Debian's location)")
@@ -97,10 +98,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("coco-labels", help="write COCO label PNGs and lists from the official instance JSON")
     p.add_argument("--root", required=True, help="COCO folder (train2014/, val2014/, annotations/)")
-    p.add_argument("--splits", nargs="+", default=["train2014", "val2014"])
+    p.add_argument(
+        "--splits", nargs="+", default=["train2014", "val2014"], help="image folders to label (default both)"
+    )
     p.add_argument("--annotations", help="folder of instances_<split>.json (default ROOT/annotations)")
     p.add_argument("--crowd", choices=["class", "void", "skip"], default="class", help="crowd regions (default class)")
-    p.add_argument("--backend", choices=["builtin", "pycocotools"], default="builtin")
+    p.add_argument(
+        "--backend",
+        choices=["builtin", "pycocotools"],
+        default="builtin",
+        help="mask decoder: builtin (no dependency) or pycocotools (extra svf-fss[coco]); default builtin",
+    )
     p.add_argument("--workers", type=int, default=0, help="processes (0 = in-process)")
     p.add_argument("--skip-existing", action="store_true", help="keep PNGs already written (resume)")
     p.set_defaults(func=_coco_labels)
@@ -110,33 +118,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-list", help="train list (default ROOT/lists/train.txt)")
     p.add_argument("--val-list", help="val list (default ROOT/lists/val.txt)")
     p.add_argument("--fold", type=int, nargs="+", help="folds (default all)")
-    p.add_argument("--min-pixels", type=int, default=MIN_PIXELS)
+    p.add_argument(
+        "--min-pixels", type=int, default=MIN_PIXELS, help=f"pixels for a class to qualify (default {MIN_PIXELS})"
+    )
     p.add_argument("--out", help="write {split}_fold{f}[_notrick].txt, class maps and counts.json here")
     p.add_argument("--workers", type=int, default=0, help="processes for the label scan")
     p.add_argument("--cache-dir", help="label-statistics cache (default ROOT/svf_fss_cache)")
-    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the label-statistics cache")
     p.set_defaults(func=_build_lists)
 
     p = sub.add_parser("episodes", help="pre-generate a seeded episode table (JSON)")
     _dataset_args(p)
-    p.add_argument("--fold", type=int, required=True)
-    p.add_argument("--split", choices=["train", "val"], default="val")
+    p.add_argument("--fold", type=int, required=True, help="fold 0-3")
+    p.add_argument("--split", choices=["train", "val"], default="val", help="list split (default val)")
     p.add_argument("--list", help="list file (default ROOT/lists/<split>.txt)")
-    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--shots", type=int, default=1, help="support images per episode (default 1)")
     p.add_argument("--num", type=int, default=PAPER_TEST_EPISODES, help="episodes (default 1000)")
     p.add_argument("--seed", type=int, default=PAPER_TEST_SEED, help="seed (default 321, the paper's)")
     p.add_argument("--bam-seeds", action="store_true", help=f"one table per BAM seed {BAM_TEST_SEEDS}")
     p.add_argument("--no-trick", action="store_true", help="train split without the dataset trick")
-    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the label-statistics cache")
     p.add_argument("--out", required=True, help="output path; may use {seed}, {fold}, {shots}")
     p.set_defaults(func=_episodes)
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=sorted(SPECS), default="pascal")
+    p.add_argument("--dataset", choices=sorted(SPECS), default="pascal", help="dataset (default pascal)")
     p.add_argument("--root", required=True, help="data root")
     p.add_argument(
         "--fold-split", choices=["consecutive", "interleaved"], help="class split (default: the dataset's own)"
+    )
+    p.add_argument(
+        "--list-prefix",
+        metavar="PREFIX|auto",
+        help="read list files with absolute paths (e.g. the SVF release's /root/paddlejob/.../data_list_0.txt): "
+        "strip PREFIX from every path, or 'auto' to keep each path from its JPEGImages/, SegmentationClassAug/ "
+        "(COCO: train2014/, val2014/, annotations/) folder on",
     )
 
 

@@ -48,6 +48,10 @@ class FSSDataset(Dataset):
     (K, 3, S, S), ``support_mask`` (K, S, S), ``class_id``, ``index``; with ``base_labels=True`` also
     ``query_base`` (S, S) (BAM's base classes 1..n, 0 background, 255 void); for ``split="val"`` also
     ``query_label`` (H, W) at original resolution and ``orig_size`` (use :func:`collate_episodes`).
+
+    ``list_file`` / ``list_prefix``: another list than ``ROOT/lists/{split}.txt``, e.g. a per-fold
+    ``data_list_F.txt`` of the SVF release with ``list_prefix="auto"`` to drop its absolute ``/root/...`` prefix
+    (see :func:`svf_fss.data.lists.read_list`).
     """
 
     dataset_name = "pascal"
@@ -72,6 +76,7 @@ class FSSDataset(Dataset):
         base_labels: bool = False,
         table: EpisodeTable | str | Path | None = None,
         scan_workers: int = 0,
+        list_prefix: str | None = None,
     ) -> None:
         self.spec = get_spec(dataset or self.dataset_name)
         if split not in ("train", "val"):
@@ -79,7 +84,7 @@ class FSSDataset(Dataset):
         self.split, self.fold, self.shots, self.seed = split, fold, shots, seed
         self.num_episodes = episodes
         self.base, self.novel = fold_classes(self.spec, fold, fold_split)
-        self.stats: LabelStats = load_stats(root, split, self.spec, list_file, cache_dir, scan_workers)
+        self.stats: LabelStats = load_stats(root, split, self.spec, list_file, cache_dir, scan_workers, list_prefix)
         self.fold_list: FoldList = build_fold_list(self.stats, fold, split, trick, min_pixels, fold_split)
         self.base_labels = base_labels
         if transform is None:

@@ -34,10 +34,45 @@ def check_root(root: str | Path, spec: DatasetSpec) -> Path:
     return root
 
 
-def read_list(list_file: str | Path, dataset: str | DatasetSpec = "pascal") -> list[tuple[str, str]]:
+PREVIEW_CHARS = 200
+
+
+def shorten(text: str, limit: int = PREVIEW_CHARS) -> str:
+    """``text`` cut to ``limit`` characters for an error message, with its full length: ``"abc... (65872 chars)"``."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def strip_list_prefix(path: str, prefix: str | None, spec: DatasetSpec) -> str:
+    """A list path made relative to the data root.
+
+    ``prefix=None`` keeps it as written. ``"auto"`` drops everything before the first of the dataset's folders
+    (``JPEGImages``/``SegmentationClassAug`` for Pascal, ``train2014``/``val2014``/``annotations`` for COCO), so
+    ``/root/paddlejob/.../VOC2012/JPEGImages/x.jpg`` becomes ``JPEGImages/x.jpg``. Any other string must start the
+    path and is removed (``"/root/paddlejob/workspace/env_run/datsets/voc/VOC2012/"``). Raises ``ValueError``
+    saying what did not fit.
+    """
+    if prefix is None:
+        return path
+    if prefix == "auto":
+        parts = path.replace("\\", "/").split("/")
+        for index, part in enumerate(parts):
+            if part in spec.image_dirs:
+                return "/".join(parts[index:])
+        raise ValueError(f"{shorten(path)!r} holds none of the folders {', '.join(spec.image_dirs)}")
+    if not path.startswith(prefix):
+        raise ValueError(f"{shorten(path)!r} does not start with the list prefix {prefix!r}")
+    return path[len(prefix) :].lstrip("/")
+
+
+def read_list(
+    list_file: str | Path, dataset: str | DatasetSpec = "pascal", list_prefix: str | None = None
+) -> list[tuple[str, str]]:
     """Read a list file: one ``image_path label_path`` pair per line, relative to the data root.
 
-    Exact duplicate lines are dropped (first kept, with a warning); the same image with two labels is an error.
+    ``list_prefix`` reads lists written with absolute paths, such as the per-fold ``data_list_F.txt`` of the SVF
+    release (``/root/paddlejob/.../VOC2012/JPEGImages/x.jpg ...``): ``"auto"`` or the prefix to strip (see
+    :func:`strip_list_prefix`). Exact duplicate lines are dropped (first kept, with a warning); the same image with
+    two labels is an error. Long lines are cut to 200 characters in error messages.
     """
     spec = get_spec(dataset)
     path = Path(list_file)
@@ -52,8 +87,17 @@ def read_list(list_file: str | Path, dataset: str | DatasetSpec = "pascal") -> l
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise data_error(f"line {n} is {raw!r}; expected 'IMAGE_PATH LABEL_PATH'", path, spec.name)
-        image, label = parts
+            hint = ""
+            if line.startswith("{"):
+                hint = (
+                    " (this looks like a PFENet/SVF-release sub_class_file_list, a Python dict of class -> image "
+                    "pairs; give its data_list_F.txt instead)"
+                )
+            raise data_error(f"line {n} is {shorten(raw)!r}; expected 'IMAGE_PATH LABEL_PATH'{hint}", path, spec.name)
+        try:
+            image, label = (strip_list_prefix(part, list_prefix, spec) for part in parts)
+        except ValueError as e:
+            raise data_error(f"line {n}: {e}", path, spec.name) from None
         key = image_id(image)
         if key in seen:
             if seen[key] == label:
@@ -117,14 +161,29 @@ def check_files(root: Path, pairs: Sequence[tuple[str, str]], spec: DatasetSpec,
     """Raise one DataError naming the first missing files (and how many are missing) of a list."""
     missing = [p for pair in pairs for p in pair if not (root / p).is_file()]
     if missing:
-        shown = ", ".join(missing[:5])
+        shown = ", ".join(shorten(p) for p in missing[:5])
         where = f" listed in {list_file}" if list_file else ""
         raise data_error(
             f"{len(missing)} files{where} are missing under {root} (first: {shown}); "
-            f"expected folders: {', '.join(spec.image_dirs)}",
+            f"expected folders: {', '.join(spec.image_dirs)}{_absolute_hint(missing[0], spec)}",
             root / missing[0],
             spec.name,
         )
+
+
+def _absolute_hint(path: str, spec: DatasetSpec) -> str:
+    """For a missing absolute list path: how to read it under the data root instead."""
+    if not Path(path).is_absolute():
+        return ""
+    try:
+        tail = strip_list_prefix(path, "auto", spec)
+    except ValueError:
+        return "; the list's paths are absolute: give paths relative to the data root"
+    prefix = path[: len(path) - len(tail)]
+    return (
+        f"; the list's paths are absolute (written on another machine?): to read them under the data root, strip "
+        f"their prefix with --list-prefix auto or --list-prefix {shorten(prefix)!r} (Python: list_prefix='auto')"
+    )
 
 
 def _scan_one(args: tuple[str, int, str]) -> dict[int, int]:
@@ -151,16 +210,18 @@ def load_stats(
     list_file: str | Path | None = None,
     cache_dir: str | Path | bool | None = None,
     workers: int = 0,
+    list_prefix: str | None = None,
 ) -> LabelStats:
     """Read a split's list, check its files and return its LabelStats, using a JSON cache when present.
 
     ``cache_dir=None`` caches under ``ROOT/svf_fss_cache`` when writable; ``False`` disables the cache.
-    The cache is keyed by the list's content; delete it after changing label files in place.
+    The cache is keyed by the list's content (after ``list_prefix``, see :func:`read_list`); delete it after
+    changing label files in place.
     """
     spec = get_spec(dataset)
     root = check_root(root, spec)
     list_path = Path(list_file) if list_file is not None else default_list_file(root, split)
-    pairs = read_list(list_path, spec)
+    pairs = read_list(list_path, spec, list_prefix)
     check_files(root, pairs, spec, list_path)
     key = list_key(pairs, spec.num_classes)
     cache = None

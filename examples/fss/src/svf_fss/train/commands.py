@@ -1,4 +1,4 @@
-"""``svf-fss train | test | reproduce | table | make-configs | mini-benchmark | study`` subcommands."""
+"""``svf-fss train | test | reproduce | show-config | table | make-configs | mini-benchmark | study`` subcommands."""
 
 from __future__ import annotations
 
@@ -53,11 +53,22 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     return 0
 
 
+class RunNotTrained(ConfigError):
+    """``svf-fss test`` on a config whose run folder holds no checkpoint (the CLI prints it without a traceback)."""
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     """``svf-fss test``: evaluate a trained run's best or last checkpoint on every test seed."""
-    from .engine import test
+    from .engine import BEST_FILE, STATE_FILE, test
 
     config = _config(args)
+    which = args.checkpoint or config.test_checkpoint
+    checkpoint = config.output_dir() / (BEST_FILE if which == "best" else STATE_FILE)
+    if not checkpoint.is_file():
+        raise RunNotTrained(
+            f"no {which} checkpoint at {checkpoint}: train this run first (svf-fss train with the same config and "
+            "--set/--fold/--shots), or point --set output=... at the run folder"
+        )
     with running(config.device) as process:
         record = test(config, process, which=args.checkpoint)
     if process.is_main:
@@ -92,6 +103,17 @@ def cmd_table(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(text)
     print(text)
+    return 0
+
+
+def cmd_show_config(args: argparse.Namespace) -> int:
+    """``svf-fss show-config``: every config key with its resolved value (defaults < file < --set), as TOML."""
+    from .configs import toml_value
+
+    config = _config(args)
+    for key, value in config.to_dict().items():
+        print(f"{key} = {toml_value(value)}" if value is not None else f"# {key} = (none)")
+    print(f"# run folder: {config.output_dir()}")
     return 0
 
 
@@ -146,7 +168,22 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the training subcommands to the ``svf-fss`` parser."""
-    p = sub.add_parser("train", help="train one run (resumes from its folder's last checkpoint)")
+    p = sub.add_parser(
+        "train",
+        help="train one run (resumes from its folder's last checkpoint)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.description = "Train one run of a config (one table row) for one fold and K, resuming from its run folder."
+    p.epilog = (
+        "outputs:\n"
+        "  the run folder is the config key 'output', relative to the current directory; default\n"
+        "    runs/{dataset}/{backbone}/{method}-{strategy}/{shots}shot/fold{fold}\n"
+        "  it gets config.json, provenance.json, last.pt, best.pt, last.svf.safetensors, evals.csv,\n"
+        "  evals.jsonl, tensorboard/, train_summary.json, and test_best.json with --test.\n"
+        "config keys:\n"
+        "  svf-fss show-config [CONFIG] [--set KEY=VALUE ...]   every key with its resolved value\n"
+        "  (what each key means: examples/fss/README.md, 'Training, testing and the tables')"
+    )
     _add_common(p)
     p.add_argument("--test", action="store_true", help="also test the best checkpoint when training ends")
     p.set_defaults(func=cmd_train)
@@ -165,20 +202,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", default="0,1,2,3", help="comma-separated folds (default 0,1,2,3)")
     p.set_defaults(func=cmd_reproduce)
 
+    p = sub.add_parser("show-config", help="print every config key with its value (defaults, file, --set)")
+    _add_common(p)
+    p.set_defaults(func=cmd_show_config)
+
     p = sub.add_parser("table", help="collect finished runs into the paper's table layout (Markdown)")
     p.add_argument("runs", nargs="?", default="runs", help="folder holding run folders (default: runs)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="whose test results (default best)")
     p.add_argument("--out", help="also write the Markdown here")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("make-configs", help="(re)generate the per-row config files")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[3] / "configs"))
+    p.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parents[3] / "configs"),
+        help="output folder (default: examples/fss/configs of this checkout)",
+    )
     p.set_defaults(func=cmd_make_configs)
 
     p = sub.add_parser("mini-benchmark", help="offline CPU benchmark: frozen vs SVF vs full fine-tuning")
     p.add_argument("--out", default="runs/mini-benchmark", help="output folder (runs, results, plot)")
     p.add_argument("--data", default=None, help="mini dataset folder (generated there if missing)")
-    p.add_argument("--strategies", default="frozen,svf,full")
+    p.add_argument("--strategies", default="frozen,svf,full", help="comma-separated (default frozen,svf,full)")
     p.add_argument("--quick", action="store_true", help="a few iterations only (smoke test)")
     p.set_defaults(func=cmd_mini_benchmark)
 
