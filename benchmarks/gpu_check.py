@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for gpu_check.json / .md / .log")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a CPU smoke run)")
-    parser.add_argument("--budget-s", type=float, help="total seconds (default: 480 on CUDA, 170 quick, 900 else)")
+    parser.add_argument(
+        "--budget-s", type=float, help="total seconds (default: 480 on CUDA, 240 with --quick, 900 else)"
+    )
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), help="run only these (in the usual order)")
     parser.add_argument("--mini-root", help="the svf_fss mini dataset (default: DIR/mini-data, generated if missing)")
     parser.add_argument("--scratch", help="working folder (default: a temporary folder, removed at the end)")
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: PyTorch sees no CUDA device here; use --device cpu")
     cuda = args.device.startswith("cuda")
-    budget = args.budget_s or (480.0 if cuda else 170.0 if args.quick else 900.0)
+    budget = args.budget_s or (480.0 if cuda else 240.0 if args.quick else 900.0)
     if budget <= 0:
         parser.error("--budget-s must be positive")
     start = time.time()

@@ -1,8 +1,8 @@
 """Decomposition speed on the device: ``apply_svf`` against the bare SVDs of the same folded weights.
 
-- ResNet-50 layers 2-4 (42 layers; ``--quick``: ResNet-18): ``apply_svf`` on a copy of the model on the device
-  (which runs ``svftune.thin_svd``: float64, QR first for strongly rectangular weights) against the sum of bare
-  ``torch.linalg.svd`` calls on the same folded weights in float64 and in float32, and ``thin_svd`` alone.
+- ResNet-50 layers 2-4 (42 layers; ``--quick``: ResNet-18 layers 2-3): ``apply_svf`` on a copy of the model on
+  the device (which runs ``svftune.thin_svd``: float64, QR first for strongly rectangular weights) against the sum
+  of bare ``torch.linalg.svd`` calls on the same folded weights in float64 and in float32, and ``thin_svd`` alone.
   One warm-up round, then repeats while the section's time allows; medians.
 - VGG16, every layer (its 4096 x 25088 classifier included; ``--quick``: a small VGG-like net with a 384 x 2304
   classifier): ``apply_svf`` once, the per-layer bare SVDs in float32, then float64, the largest layer last
@@ -27,6 +27,7 @@ from .common import RESNET_LAYERS, Context, fmt, median, timed
 #: apply_svf may cost at most this times the thin_svd calls it makes, plus APPLY_SLACK_S (casts, copies)
 APPLY_OVERHEAD = 2.0
 APPLY_SLACK_S = 0.5
+QUICK_LAYERS = ["layer2", "layer3"]  # --quick: ResNet-18's layer4 SVDs alone take seconds on a busy CPU
 
 
 def _folded(module: nn.Module) -> Tensor:
@@ -65,13 +66,14 @@ def _resnet(ctx: Context, rows: list) -> None:
     report = ctx.report
     torch.manual_seed(0)
     plain = (torchvision.models.resnet18() if ctx.quick else torchvision.models.resnet50()).to(ctx.device)
-    weights = [_folded(m) for _, m in select_layers(plain, RESNET_LAYERS)]
+    layers = QUICK_LAYERS if ctx.quick else RESNET_LAYERS
+    weights = [_folded(m) for _, m in select_layers(plain, layers)]
     stop = time.time() + ctx.left() * 0.45  # the rest is VGG16's
     runs: dict[str, list[float]] = {"apply_svf": [], "thin_svd": [], "svd_float64": [], "svd_float32": []}
     for repeat in range(1 if ctx.quick else 6):
         model = copy.deepcopy(plain)
         times = {
-            "apply_svf": timed(lambda m=model: svftune.apply_svf(m, RESNET_LAYERS, progress=False), ctx),
+            "apply_svf": timed(lambda m=model: svftune.apply_svf(m, layers, progress=False), ctx),
             "thin_svd": timed(lambda: _thin(weights), ctx),
             "svd_float64": timed(lambda: _bare(weights, torch.float64), ctx),
             "svd_float32": timed(lambda: _bare(weights, torch.float32), ctx),
@@ -91,7 +93,7 @@ def _resnet(ctx: Context, rows: list) -> None:
     limit = APPLY_OVERHEAD * med["thin_svd"] + APPLY_SLACK_S
     report.check("resnet: apply_svf costs about the thin_svd calls it makes", med["apply_svf"] <= limit, med, limit)
     name = "resnet18" if ctx.quick else "resnet50"
-    rows.append([f"{name} {','.join(RESNET_LAYERS)}", len(weights)] + [fmt(med[k]) for k in runs])
+    rows.append([f"{name} {','.join(layers)}", len(weights)] + [fmt(med[k]) for k in runs])
     rows[-1].append(fmt(med["apply_svf"] / med["svd_float64"]))
 
 

@@ -67,6 +67,8 @@ def _run_method(ctx: Context, method: str, root: Path, seconds: float) -> dict |
 def _checks(ctx: Context, method: str, record: dict) -> list:
     report = ctx.report
     one, five = record["one_shot"], record["five_shot"]
+    if record.get("workers_fallback"):
+        report.note(f"{method}: {record['workers_fallback']}")
     report.check(
         f"{method}: DDP wrapped the model ({record['backend']}, world {record['world_size']})", record["ddp_wraps"] >= 2
     )

@@ -130,10 +130,16 @@ def main() -> int:
     try:
         tic = time.perf_counter()
         _reset(device)
-        five = load_config(
-            None, {**values, "shots": 5, "max_iterations": 2, "val_episodes": 1, "output": str(run_dir / "5shot")}
-        )
-        engine.train(five, process)
+        five_values = {**values, "shots": 5, "max_iterations": 2, "val_episodes": 1, "output": str(run_dir / "5shot")}
+        try:
+            engine.train(load_config(None, five_values), process)
+        except RuntimeError as err:  # e.g. a small /dev/shm in a VM: DataLoader workers die; retry without them
+            if "DataLoader" not in str(err) or values["workers"] == 0:
+                raise
+            record["workers_fallback"] = f"workers={values['workers']} failed ({str(err)[:200]}); reran with 0"
+            values["workers"] = five_values["workers"] = 0
+            recorder.steps.clear()
+            engine.train(load_config(None, {**five_values, "output": str(run_dir / "5shot-retry")}), process)
         wall5 = time.perf_counter() - tic
         record["five_shot"] = {"peak_gib": _peak(device), "seconds": wall5, "losses": [s[1] for s in recorder.steps]}
         step_s = recorder.steps[-1][0] - recorder.steps[-2][0]

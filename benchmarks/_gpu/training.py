@@ -78,7 +78,7 @@ def measure(ctx: Context, models: dict[str, nn.Module], x: Tensor, dtype, second
     losses = {name: float(step()) for name, step in steps.items()}  # first step: optimizer state, lazy inits
     ok = all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     report.check(f"{label}: every variant's step gives a finite loss", ok, losses)
-    warmup, repeats = (1, 2) if ctx.quick else (3, 40)
+    warmup, repeats = (1, 2) if ctx.quick else (2, 40)
     times = _time_calls(steps, ctx, warmup, repeats, seconds)
     med = {name: median(values) for name, values in times.items()}
     memory = {name: peak_memory(steps[name], ctx) for name in steps}
