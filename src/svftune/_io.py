@@ -345,6 +345,8 @@ def read_safetensors_header(file: IO[bytes], where: str) -> SafetensorsHeader:
             f"{where} is not a safetensors file, or is truncated (header of {length:,d} bytes, {why})"
         )
     raw = file.read(length)
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # cheap upper bound, before parsing
+        raise SVFCheckpointError(f"{where} holds more than the limit of {MAX_TENSORS:,d} tensors")
     try:
         header = loads_json(raw.rstrip(b" "), "header", limit=MAX_HEADER_BYTES)
     except SVFCheckpointError as err:

@@ -43,6 +43,7 @@ EXTRA_SECTIONS: dict[str, Any] = {}
 a validator ``(value, where) -> {tensor name: shape}`` of the tensors the section owns. A section's tensors get
 digests like every other tensor; an unknown section in a file is refused."""
 _TIE_ACTIONS = ("equal", "basis")
+_LAYER_KEYS = {"kind", "shape", "dtype", "groups", "rank", "sha256", "fro", "sketch", "ties", "delta_S", "full_factors"}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_VERSION_CHARS = 100
 
@@ -416,6 +417,9 @@ def _layer(schema: Schema, name: str, raw: Any, version: int, offset: int) -> La
     where = f"layers[{name[:80]!r}]"
     if not isinstance(raw, dict):
         schema.fail(where, "a mapping", raw)
+    if version >= 2 and not set(raw) <= _LAYER_KEYS:
+        odd = sorted(set(raw) - _LAYER_KEYS)[0]
+        schema.fail(f"{where}.{odd[:40]}", "absent (not a field of format 2)", raw[odd])
     kind = schema.get(raw, "kind", str, where)
     if kind not in KINDS_REGISTRY:
         schema.fail(f"{where}.kind", f"one of {', '.join(KINDS_REGISTRY)}", kind)
