@@ -8,6 +8,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
+from fixtures.svf_files import meta_of, with_meta
 from fixtures.svf_models import LAYERS, inputs, rel_error, tied_model, trained
 
 import svftune
@@ -69,7 +70,7 @@ def test_merge_refuses_another_base(files, capsys):
     code = main(
         ["merge", str(folder / "other.safetensors"), str(folder / "a.safetensors"), str(folder / "x.safetensors")]
     )
-    assert code == 1 and "other base weights" in capsys.readouterr().err
+    assert code == 2 and "other base weights" in capsys.readouterr().err
     assert not (folder / "x.safetensors").exists()
 
 
@@ -95,10 +96,111 @@ def test_diff_png(files, capsys):
 def test_diff_png_without_matplotlib_says_how_to_install(files, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code = main(["diff", str(files["folder"] / "a.safetensors"), "--png", str(files["folder"] / "n.png")])
-    assert code == 1 and "pip install" in capsys.readouterr().err
+    assert code == 2 and "pip install" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_not_tracebacks(files, capsys):
-    assert main(["inspect", str(files["folder"] / "missing.safetensors")]) == 1
+    assert main(["inspect", str(files["folder"] / "missing.safetensors")]) == 2
     assert "svftune inspect: error: no checkpoint at" in capsys.readouterr().err
-    assert main(["diff", str(files["folder"] / "a.safetensors"), "--png", "x.png", "--layers", "nope"]) == 1
+    assert main(["diff", str(files["folder"] / "a.safetensors"), "--png", "x.png", "--layers", "nope"]) == 2
+    assert "\n" not in capsys.readouterr().err.strip()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"svftune {svftune.__version__}"
+
+
+def test_top_level_help_lists_every_subcommand_without_markup(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("inspect", "merge", "diff", "plot-changes", "plot-activations"):
+        assert f"\n    {command}" in out
+    assert "``" not in out and ":func:" not in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["inspect"], ["diff", "x", "--top", "many"], ["nope"], ["merge", "a"], ["inspect", "a", "--bogus"]],
+    ids=["missing-arg", "bad-int", "unknown-command", "too-few", "unknown-option"],
+)
+def test_bad_arguments_are_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and "error:" in err and "Traceback" not in err
+
+
+def _hostile(folder):
+    data = (folder / "a.safetensors").read_bytes()
+    deep = folder / "deep.safetensors"
+    deep.write_bytes(with_meta(data, None, text="[" * 3000 + "]" * 3000))
+    huge = folder / "huge.safetensors"
+    huge.write_bytes(
+        with_meta(data, None, text='{"format": "svftune.svf_checkpoint", "format_version": ' + "9" * 5000 + "}")
+    )
+    wrong = folder / "wrong.safetensors"
+    meta = meta_of(data)
+    meta["layers"]["0"]["dtype"] = ["float32"]
+    wrong.write_bytes(with_meta(data, meta))
+    length = folder / "length.safetensors"
+    length.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    return [deep, huge, wrong, length]
+
+
+@pytest.mark.parametrize("command", ["inspect", "diff"])
+def test_hostile_files_give_one_line_not_a_traceback(files, capsys, command):
+    for path in _hostile(files["folder"]):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"svftune {command}: error: ") and "\n" not in err, err
+
+
+def test_inspect_and_diff_without_svftune_version(files, capsys):
+    data = (files["folder"] / "a.safetensors").read_bytes()
+    meta = meta_of(data)
+    del meta["svftune_version"]
+    path = files["folder"] / "noversion.safetensors"
+    path.write_bytes(with_meta(data, meta))
+    assert main(["inspect", str(path)]) == 0
+    assert "(svftune unknown)" in capsys.readouterr().out
+    assert main(["diff", str(path)]) == 0
+
+
+def test_closed_pipe_exits_quietly(files):
+    command = f"{sys.executable} -m svftune.cli inspect --all {files['folder'] / 'a.safetensors'} | head -n 1"
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("checkpoint:") and result.stderr == ""
+
+
+def test_model_spec_keyword_arguments():
+    from svftune.cli import build_model, parse_model_spec
+
+    assert parse_model_spec("torch.nn:Linear(in_features=3, out_features=2, bias=False)") == (
+        "torch.nn",
+        "Linear",
+        {"in_features": 3, "out_features": 2, "bias": False},
+    )
+    assert parse_model_spec("m:f", ["n=10", "name=resnet", "xs=[1, 2]"])[2] == {"n": 10, "name": "resnet", "xs": [1, 2]}
+    model = build_model("torch.nn:Linear", ["in_features=3", "out_features=2"])
+    assert tuple(model.weight.shape) == (2, 3)
+    for bad in ("torch.nn:Linear(__import__('os').system('true'))", "torch.nn:Linear(x=open('f'))", "nomodule"):
+        with pytest.raises(svftune.plots.PlotError):
+            parse_model_spec(bad)
+    with pytest.raises(svftune.plots.PlotError, match="failed"):
+        build_model("torch.nn:Linear(in_features=3)")
+
+
+def test_plot_activations_takes_the_checkpoint_positionally(files, capsys):
+    """The checkpoint is the first argument like everywhere else; --checkpoint still works, with a warning."""
+    folder = files["folder"]
+    common = ["--model", "fixtures.svf_models:tied_model", "--layer", "5", "--image", str(folder / "none.png")]
+    common += ["--out", str(folder / "o.png")]
+    assert main(["plot-activations", str(folder / "a.safetensors"), *common]) == 2
+    assert "--image" in capsys.readouterr().err  # got past the argument parsing to the missing image
+    assert main(["plot-activations", "--checkpoint", str(folder / "a.safetensors"), *common]) == 2
+    assert "deprecated" in capsys.readouterr().err
+    assert main(["plot-activations", *common]) == 2
+    assert "give the checkpoint" in capsys.readouterr().err

@@ -1,31 +1,34 @@
-"""svftune command line: inspect, merge and diff singular-value checkpoints.
+"""svftune command line: inspect, merge, diff and draw singular-value checkpoints.
 
-    svftune inspect CHECKPOINT                 layers, counts, size, base fingerprints
-    svftune merge BASE CHECKPOINT OUT          base weights + checkpoint -> plain merged weights file
-    svftune diff CHECKPOINT [OTHER] [--png F]  largest singular-value changes per layer (table or bar chart)
-    svftune plot-changes CHECKPOINT --out F    one layer's largest changes as a picture (SVF paper Figure 6)
-    svftune plot-activations --model M ...     activation maps of the directions that grew / shrank most (Fig. 4-5)
+Commands:
+  inspect CHECKPOINT                  layers, counts, size, base fingerprints
+  merge BASE CHECKPOINT OUT           base weights + checkpoint -> plain merged weights file
+  diff CHECKPOINT [OTHER] [--png F]   largest singular-value changes per layer (table or bar chart)
+  plot-changes CHECKPOINT --out F     one layer's largest changes as a picture (SVF paper Figure 6)
+  plot-activations CHECKPOINT --model M ...   activation maps of the directions that grew / shrank most (Fig. 4-5)
 
-CHECKPOINT is a .safetensors file, a checkpoint directory or a Hub repo id (``--revision``). Nothing here
-unpickles a checkpoint; a ``.pt``/``.pth`` base weights file for ``merge`` is read with
-``torch.load(weights_only=True)``, which only accepts tensors and plain containers.
+CHECKPOINT is a .safetensors file, a checkpoint directory or a Hub repo id (--revision). Nothing here unpickles
+a checkpoint; a .pt/.pth base weights file for merge is read with torch.load(weights_only=True), which only
+accepts tensors and plain containers. Errors are one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import math
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from . import plots
-from ._io import atomic_write
+from . import __version__, plots
+from ._io import atomic_write, read_safetensors, safetensors_bytes
 from .checkpoint import KINDS, SVFCheckpoint, SVFCheckpointError, load_svf, read_svf
 from .model import merge_svf, svf_layers
 
@@ -33,21 +36,43 @@ _SUMMARY_LAYERS = 60
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``svftune`` command; returns the exit status."""
+    """Entry point of the ``svftune`` command; returns the exit status (2 for any error, with one line on stderr)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = None
     try:
+        args = parser.parse_args(argv)
         return args.run(args)
-    except (SVFCheckpointError, plots.PlotError, ImportError, OSError) as err:
-        print(f"svftune {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:  # e.g. svftune inspect f | head: the reader is gone; exit quietly
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        print("svftune: interrupted", file=sys.stderr)
+        return 130
+    except (SVFCheckpointError, plots.PlotError, ImportError, OSError, ValueError, TypeError) as err:
+        prefix = f"svftune {args.command}" if args is not None else "svftune"
+        print(f"{prefix}: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
+        return 2
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="svftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="svftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"svftune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     inspect = commands.add_parser("inspect", help="show a checkpoint's layers, counts, size and base fingerprint")
     inspect.description = (
@@ -106,13 +131,26 @@ def _parser() -> argparse.ArgumentParser:
     acts.description = (
         "Draw, for one image, the activation maps |S_r v_r^T x| of the singular directions of one SVF layer whose "
         "values grew and shrank most (Figures 4-5 of the SVF paper; the definition is in the svftune.plots "
-        "docs). The model is built by calling FACTORY() from MODULE (e.g. torchvision.models:mobilenet_v2), "
+        "docs). The model is built by calling FACTORY(**kwargs) from MODULE (e.g. torchvision.models:mobilenet_v2), "
         "loaded with --weights, and the checkpoint is applied with svftune.load_svf. The image is resized to "
         "--size x --size and normalised with the ImageNet mean and std. Needs matplotlib (and pillow)."
     )
-    acts.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="e.g. torchvision.models:resnet50")
+    acts.add_argument("checkpoint", nargs="?", help="the singular-value checkpoint trained on that base")
+    acts.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:FACTORY",
+        help="e.g. torchvision.models:resnet50, or with keyword arguments: torchvision.models:resnet18(num_classes=10)",
+    )
+    acts.add_argument(
+        "--model-kwargs",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword arguments for FACTORY; VALUE is a Python literal (10, 0.5, None, 'x') or else a plain string",
+    )
     acts.add_argument("--weights", help="state dict of the base model (.safetensors / .pt), loaded strictly")
-    acts.add_argument("--checkpoint", required=True, help="the singular-value checkpoint trained on that base")
+    acts.add_argument("--checkpoint", dest="checkpoint_option", help=argparse.SUPPRESS)  # deprecated spelling
     acts.add_argument("--layer", required=True, help="the SVF layer's name in the model")
     acts.add_argument("--image", required=True, help="an image file (PNG, JPEG, ...)")
     acts.add_argument("--out", required=True, help="PNG file to write")
@@ -130,7 +168,7 @@ def _inspect(args: argparse.Namespace) -> int:
     checkpoint = read_svf(args.checkpoint, revision=args.revision)
     meta, config = checkpoint.metadata, checkpoint.config
     print(f"checkpoint:   {checkpoint.source}")
-    print(f"format:       {meta['format_version']} (svftune {meta['svftune_version']})")
+    print(f"format:       {meta['format_version']} (svftune {meta.get('svftune_version', 'unknown')})")
     print(f"size:         {checkpoint.size_bytes:,d} bytes")
     print(f"config:       train={config['train']} form={config['form']} freeze_bn={config['freeze_bn']}")
     print(f"layers:       {len(checkpoint.layers)}")
@@ -190,7 +228,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise SVFCheckpointError(
             f"the merged weights are written as safetensors: name the output *.safetensors, not {output}"
         )
-    atomic_write(output, safetensors.torch.save({k: v.contiguous() for k, v in merged.items()}))
+    atomic_write(output, safetensors_bytes(merged))
     changed = len(checkpoint.layers) + len(checkpoint.extra)
     print(f"wrote {output}: {len(merged)} tensors, {changed} of them changed by {checkpoint.source}")
     return 0
@@ -199,10 +237,7 @@ def _merge(args: argparse.Namespace) -> int:
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """A flat state dict from a .safetensors file, or a .pt/.pth/.bin file read with ``weights_only=True``."""
     if path.suffix == ".safetensors":
-        try:
-            return safetensors.torch.load_file(path)
-        except Exception as err:
-            raise SVFCheckpointError(f"cannot read base weights {path}: {err}") from None
+        return read_safetensors(path, f"base weights {path}")[1]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -366,11 +401,58 @@ def _plot_changes(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_model(spec: str) -> nn.Module:
-    """``MODULE:FACTORY`` -> ``FACTORY()`` from the imported ``MODULE`` (e.g. ``torchvision.models:resnet50``)."""
-    module_name, _, factory_name = spec.partition(":")
-    if not module_name or not factory_name:
-        raise plots.PlotError(f"--model {spec!r}: give MODULE:FACTORY, e.g. torchvision.models:mobilenet_v2")
+_SPEC = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<factory>[A-Za-z_]\w*)(?:\((?P<args>.*)\))?$", re.DOTALL)
+
+
+def parse_model_spec(spec: str, kwargs: Sequence[str] = ()) -> tuple[str, str, dict]:
+    """``"MODULE:FACTORY(k=v, ...)"`` plus ``["k=v", ...]`` -> ``(module, factory, kwargs)``.
+
+    Values are read with ``ast.literal_eval`` (never evaluated as code); a ``--model-kwargs`` value that is not a
+    literal is taken as a plain string.
+
+    Raises:
+        plots.PlotError: the spec or a keyword argument is malformed.
+    """
+    match = _SPEC.match(spec.strip())
+    if not match:
+        raise plots.PlotError(
+            f"--model {spec!r}: give MODULE:FACTORY, e.g. torchvision.models:mobilenet_v2 or "
+            "torchvision.models:resnet18(num_classes=10)"
+        )
+    arguments: dict = {}
+    if match["args"] is not None and match["args"].strip():
+        try:
+            call = ast.parse(f"f({match['args']})", mode="eval").body
+        except SyntaxError:
+            raise plots.PlotError(f"--model {spec!r}: the arguments are not KEY=VALUE, ...") from None
+        if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+            raise plots.PlotError(f"--model {spec!r}: only keyword arguments KEY=VALUE are accepted")
+        for keyword in call.keywords:
+            try:
+                arguments[keyword.arg] = ast.literal_eval(keyword.value)
+            except ValueError:
+                raise plots.PlotError(
+                    f"--model {spec!r}: the value of {keyword.arg} is not a Python literal (number, string, None, "
+                    "list...)"
+                ) from None
+    for item in kwargs:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise plots.PlotError(f"--model-kwargs {item!r}: give KEY=VALUE, e.g. num_classes=10")
+        try:
+            arguments[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            arguments[key] = text
+    return match["module"], match["factory"], arguments
+
+
+def build_model(spec: str, kwargs: Sequence[str] = ()) -> nn.Module:
+    """``MODULE:FACTORY`` -> ``FACTORY(**kwargs)`` from the imported ``MODULE`` (e.g. ``torchvision.models:resnet50``).
+
+    Keyword arguments come from ``MODULE:FACTORY(k=v)`` and from ``kwargs`` (``["k=v", ...]``), see
+    ``parse_model_spec``.
+    """
+    module_name, factory_name, arguments = parse_model_spec(spec, kwargs)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -378,7 +460,12 @@ def build_model(spec: str) -> nn.Module:
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise plots.PlotError(f"--model {spec!r}: {module_name} has no callable {factory_name}")
-    model = factory()
+    try:
+        model = factory(**arguments)
+    except Exception as err:
+        raise plots.PlotError(
+            f"--model {spec!r}: {factory_name}(**{arguments}) failed: {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise plots.PlotError(f"--model {spec!r}: {factory_name}() returned a {type(model).__name__}, not a module")
     return model
@@ -411,8 +498,18 @@ def read_image(path: Path, size: int, normalize: bool = True) -> tuple[Tensor, T
 def _plot_activations(args: argparse.Namespace) -> int:
     if args.size < 1:
         raise plots.PlotError("--size must be at least 1")
+    if args.checkpoint and args.checkpoint_option:
+        raise plots.PlotError("give the checkpoint once: as the first argument (--checkpoint is its old spelling)")
+    if args.checkpoint_option:
+        print(
+            "svftune plot-activations: --checkpoint is deprecated; give the checkpoint as the first argument",
+            file=sys.stderr,
+        )
+    checkpoint = args.checkpoint or args.checkpoint_option
+    if not checkpoint:
+        raise plots.PlotError("give the checkpoint: svftune plot-activations CHECKPOINT --model ... (see --help)")
     pixels, inputs = read_image(Path(args.image), args.size, args.normalize)
-    model = build_model(args.model)
+    model = build_model(args.model, args.model_kwargs)
     if args.weights:
         state = read_state_dict(Path(args.weights))
         try:
@@ -420,7 +517,7 @@ def _plot_activations(args: argparse.Namespace) -> int:
         except RuntimeError as err:
             first = str(err).strip().splitlines()[:3]
             raise plots.PlotError(f"--weights {args.weights} does not fit {args.model}: {' '.join(first)}") from None
-    load_svf(model, read_svf(args.checkpoint, revision=args.revision))
+    load_svf(model, read_svf(checkpoint, revision=args.revision))
     model.eval()
     parameter = next(model.parameters(), None)
     if parameter is not None:
