@@ -16,9 +16,10 @@ Everything most code needs is importable from here: applying, merging and removi
 ``svftune.cache``) hold the lower-level pieces.
 """
 
+from ._interop import SVFSaveWarning, enable_svf_training, merged_state_dict
 from .decompose import thin_svd
-from .layers import SVFConv1d, SVFConv2d, SVFConv3d, SVFLayer, SVFLinear, svf_layer_from
-from .matching import select_layers
+from .layers import SVFConv1D, SVFConv1d, SVFConv2d, SVFConv3d, SVFLayer, SVFLinear, svf_layer_from
+from .matching import SVFSelectionWarning, select_layers
 from .model import (
     SVFConfig,
     apply_svf,
@@ -35,15 +36,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SVFConfig",
+    "SVFConv1D",
     "SVFConv1d",
     "SVFConv2d",
     "SVFConv3d",
     "SVFLayer",
     "SVFLinear",
+    "SVFSaveWarning",
+    "SVFSelectionWarning",
     "__version__",
     "apply_svf",
+    "enable_svf_training",
     "freeze_batchnorm",
     "merge_svf",
+    "merged_state_dict",
     "print_trainable_parameters",
     "select_layers",
     "svf_layer_from",

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from . import _interop, ties
 from .layers import SVFLayer, normalize_form, normalize_train, svf_layer_from
-from .matching import LayerSelector, select_layers
+from .matching import LayerSelector, peft_owned_names, select_layers, selected_modules
 
 try:
     from tqdm.auto import tqdm
@@ -38,6 +39,9 @@ class SVFConfig:
         freeze_others: whether every parameter that is not a trained SVF factor was frozen.
         original_requires_grad: ``requires_grad`` of every parameter (by name) before the first ``apply_svf``,
             restored by ``merge_svf`` and ``unapply_svf``.
+        tied: how shared weights were handled, ``"error"`` or ``"keep"`` (see ``svftune.ties``).
+        modules_to_save: names of the modules that train fully (``apply_svf(modules_to_save=...)``); read them
+            with ``svftune.model.modules_to_save(model)``.
 
     Examples:
         >>> import torch
@@ -56,6 +60,8 @@ class SVFConfig:
     freeze_others: bool = True
     #: requires_grad of every parameter before apply_svf, restored by merge_svf / unapply_svf.
     original_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
+    tied: str = "error"
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 class _StayInEval:
@@ -147,6 +153,40 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def modules_to_save(model: nn.Module) -> list[str]:
+    """Names of the modules ``apply_svf(..., modules_to_save=...)`` made train fully (empty when none).
+
+    The record lives in ``model.svf_config.modules_to_save``; checkpoint code reads it through this function.
+
+    Args:
+        model: any model.
+
+    Returns:
+        The module names, in model order.
+
+    Examples:
+        >>> from torch import nn
+        >>> import svftune
+        >>> from svftune.model import modules_to_save
+        >>> model = svftune.apply_svf(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1)),
+        ...                           layers=["0"], modules_to_save=["2"])
+        >>> modules_to_save(model), [n for n, p in model.named_parameters() if p.requires_grad]
+        (['2'], ['0.S', '2.weight', '2.bias'])
+    """
+    config = model.__dict__.get("svf_config")
+    return list(config.modules_to_save) if config is not None else []
+
+
+def _require_svf(model: nn.Module, verb: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{verb} expects a torch.nn.Module, got {type(model).__name__}")
+    if not svf_layers(model):
+        raise ValueError(
+            f"{verb}: the model has no SVF layers (svftune.apply_svf was not called on it, or merge_svf / "
+            "unapply_svf already removed them), so there is nothing to remove"
+        )
+
+
 def apply_svf(
     model: nn.Module,
     layers: LayerSelector = None,
@@ -160,6 +200,8 @@ def apply_svf(
     freeze_others: bool = True,
     progress: bool | None = None,
     decompose: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
+    tied: str = "error",
+    modules_to_save: Sequence[str] | None = None,
 ) -> nn.Module:
     """Replace the selected Conv/Linear layers by SVF layers whose singular values alone train.
 
@@ -170,10 +212,13 @@ def apply_svf(
 
     Args:
         model: any PyTorch model.
-        layers: which layers to adapt: module-name prefixes (``["layer2", "layer3", "layer4"]``), a regular
-            expression matched from the start of the name (``"layer[2-4]"``), or a callable
-            ``(name, module) -> bool``. ``None`` adapts every target layer.
-        targets: layer types to adapt (default: Conv1d, Conv2d, Conv3d and Linear).
+        layers: which layers to adapt: module paths (``["layer2", "layer3", "layer4"]``: those modules and everything
+            inside), PEFT-style names for entries that are no path from the root (``["q_proj", "v_proj"]``: every
+            module whose name ends with ``.q_proj`` or ``.v_proj``), ``"all-linear"`` (every Linear-like layer but
+            the output layer), a regular expression matched from the start of the name (``"layer[2-4]"``), or a
+            callable ``(name, module) -> bool``. ``None`` adapts every target layer. See ``svftune.matching``.
+        targets: layer types to adapt (default: every supported type, ``svftune.layers.LAYER_KINDS``: Linear,
+            Conv1d/2d/3d and transformers' Conv1D).
         exclude: names to skip, in the same forms as ``layers``.
         freeze_bn: keep every BatchNorm in eval mode with frozen affine, across later ``model.train()``.
         inplace: modify ``model`` itself; ``False`` adapts a deep copy and leaves ``model`` untouched.
@@ -184,11 +229,19 @@ def apply_svf(
             ``"rebuilt"`` (one conv with the rebuilt weight; the backward computes a full weight gradient) or
             ``"lean"`` (three-op that recomputes the ``Vh`` projection in the backward instead of saving it:
             one more conv per step, lower memory). Eval-mode and no-grad forwards always use the rebuilt weight.
-        freeze_others: freeze every parameter that is not a trained SVF factor (default). ``False`` leaves
-            the other parameters' ``requires_grad`` as they were.
+        freeze_others: freeze every parameter that is not a trained SVF factor (default), except the parameters
+            of another adapter (PEFT tuner layers such as LoRA's, PEFT ``modules_to_save`` wrappers), which keep
+            their ``requires_grad``. ``False`` leaves every other parameter's ``requires_grad`` as it was.
         progress: show a progress bar while decomposing; ``None`` shows one for large models.
         decompose: replaces ``svftune.thin_svd`` for computing each layer's ``(U, S, Vh)``, e.g. a
             decomposition cache (``load_svf(..., cache_dir=...)`` uses this).
+        tied: what to do with a selected weight that another module also holds (tied embeddings and heads, a
+            block reused at several places): ``"error"`` (the default) refuses with a message naming both places;
+            ``"keep"`` adapts it once and keeps every holder on the adapted weight, through training, save/load
+            and ``merge_svf`` (see ``svftune.ties``).
+        modules_to_save: modules that train fully (every parameter, norm layers in training mode), as PEFT's
+            ``modules_to_save``: names in the list form of ``layers`` (``["classifier"]``, ``["roi_heads",
+            "rpn"]``). Recorded in ``model.svf_config.modules_to_save`` (``svftune.model.modules_to_save``).
 
     Returns:
         The adapted model (``model`` itself when ``inplace``). Its ``svf_config`` (``SVFConfig``) records
@@ -198,9 +251,14 @@ def apply_svf(
         TypeError: ``model`` is not an ``nn.Module``; a selector or ``targets`` has the wrong type; a selected
             layer cannot be adapted (transposed conv, a subclass that overrides ``forward``, a parametrized
             layer, a layer with hooks); the message names the layer.
-        ValueError: a prefix in ``layers``/``exclude`` matches nothing, nothing is selected, SVF is already
-            applied to a selected layer, the model still has uninitialised lazy parameters, or ``train`` /
-            ``form`` is not valid.
+        ValueError: an entry of ``layers``/``exclude``/``modules_to_save`` matches nothing, nothing is selected,
+            SVF is already applied to a selected layer, a selected weight is shared and ``tied="error"``, a module
+            to save contains selected layers, the model still has uninitialised lazy parameters, or ``train`` /
+            ``form`` / ``tied`` is not valid.
+
+    Warns:
+        svftune.matching.SVFSelectionWarning: the selection passed over layers that hold a weight matrix of an
+            unsupported type, or layers that a PEFT adapter owns.
 
     Examples:
         >>> import torch
@@ -222,8 +280,18 @@ def apply_svf(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_svf expects a torch.nn.Module, got {type(model).__name__}")
-    train, form = normalize_train(train), normalize_form(form)
+    train, form, tied = normalize_train(train), normalize_form(form), ties.normalize_tied(tied)
     selected = select_layers(model, layers, targets, exclude)
+    saved = selected_modules(model, modules_to_save, "modules_to_save") if modules_to_save is not None else []
+    inside = [n for n, _ in selected if any(n == s or n.startswith(s + ".") for s in saved)]
+    if inside:
+        raise ValueError(
+            f"modules_to_save={list(modules_to_save)!r} contains layers selected for SVF ({', '.join(inside[:3])}): "
+            "a module trains either fully or through its singular values; exclude those layers or save less"
+        )
+    shared = ties.shared_places(model, selected)
+    if tied == "error":
+        ties.refuse(shared)
     lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:
         raise ValueError(
@@ -235,32 +303,50 @@ def apply_svf(
         model = copy.deepcopy(model)
         selected = [(name, model.get_submodule(name)) for name in names]
 
-    previous = getattr(model, "svf_config", None)
+    previous = model.__dict__.get("svf_config")
     original = dict(previous.original_requires_grad) if previous else {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         original.setdefault(name, parameter.requires_grad)
     if freeze_others:
+        adapters = {id(p) for name in peft_owned_names(model) for p in model.get_submodule(name).parameters()}
         for parameter in model.parameters():
-            parameter.requires_grad_(False)
+            if id(parameter) not in adapters:  # another adapter's own parameters are not "others"
+                parameter.requires_grad_(False)
 
-    size = sum(module.weight.numel() for _, module in selected)
+    adapt, places = ties.plan_keep(model, selected)
+    size = sum(module.weight.numel() for _, module in adapt)
     show = progress if progress is not None else size >= PROGRESS_THRESHOLD
-    iterator = selected
+    iterator = adapt
     if show and tqdm is not None:
-        iterator = tqdm(selected, desc="SVF: decomposing", unit="layer")
+        iterator = tqdm(adapt, desc="SVF: decomposing", unit="layer")
     for name, module in iterator:
-        _set_submodule(model, name, svf_layer_from(module, train=train, form=form, decompose=decompose))
+        layer = svf_layer_from(module, train=train, form=form, decompose=decompose)
+        for path in places[id(module)]:
+            _set_submodule(model, path, layer)
+        if name in shared:
+            ties.tie_holders(model, layer.base_weight, layer, module)
 
     if freeze_bn:
         freeze_batchnorm(model)
-    names = (previous.layer_names if previous else []) + [name for name, _ in selected]
-    model.svf_config = SVFConfig(names, train, form, freeze_bn, freeze_others, original)
+    for name in saved:  # trains fully: every parameter, norm layers follow model.train()
+        module = model.get_submodule(name)
+        unfreeze_batchnorm(module)
+        module.requires_grad_(True)
+    names = (previous.layer_names if previous else []) + [name for name, _ in adapt]
+    saved = (previous.modules_to_save if previous else []) + [
+        n for n in saved if n not in (previous.modules_to_save if previous else [])
+    ]
+    model.svf_config = SVFConfig(names, train, form, freeze_bn, freeze_others, original, tied, saved)
+    _interop.after_apply(model)
     return model
 
 
 def _remove_svf(model: nn.Module, merge: bool) -> nn.Module:
-    for name, layer in svf_layers(model):
-        _set_submodule(model, name, layer.to_plain(merge=merge))
+    for layer, paths in ties.layer_places(model).values():
+        plain = layer.to_plain(merge=merge)
+        for path in paths:
+            _set_submodule(model, path, plain)
+        ties.release(layer, plain)
     config = model.__dict__.pop("svf_config", None)
     if config is not None:
         for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -268,6 +354,7 @@ def _remove_svf(model: nn.Module, merge: bool) -> nn.Module:
                 parameter.requires_grad_(config.original_requires_grad[name])
         if config.freeze_bn:
             unfreeze_batchnorm(model)
+    _interop.after_remove(model)
     return model
 
 
@@ -283,7 +370,11 @@ def merge_svf(model: nn.Module) -> nn.Module:
         model: a model with SVF applied; modified in place.
 
     Returns:
-        ``model``, now made of plain layers again.
+        ``model``, now made of plain layers again. Weights shared with ``tied="keep"`` are one merged
+        ``Parameter`` at every place again.
+
+    Raises:
+        ValueError: the model has no SVF layers (nothing to merge).
 
     Examples:
         >>> import torch
@@ -301,6 +392,7 @@ def merge_svf(model: nn.Module) -> nn.Module:
         >>> torch.allclose(plain(x), tuned, atol=1e-6)
         True
     """
+    _require_svf(model, "merge_svf")
     return _remove_svf(model, merge=True)
 
 
@@ -317,6 +409,9 @@ def unapply_svf(model: nn.Module) -> nn.Module:
     Returns:
         ``model``, with its original layers.
 
+    Raises:
+        ValueError: the model has no SVF layers (nothing to remove).
+
     Examples:
         >>> from torch import nn
         >>> import svftune
@@ -326,6 +421,7 @@ def unapply_svf(model: nn.Module) -> nn.Module:
         >>> type(model[0]).__name__, model[0].weight is weight, weight.requires_grad
         ('Linear', True, True)
     """
+    _require_svf(model, "unapply_svf")
     return _remove_svf(model, merge=False)
 
 
