@@ -66,19 +66,24 @@ from .cache import DecompositionCache
 from .checkpoint import SVFCheckpoint, load_svf, read_svf, save_svf
 from .errors import SVFCheckpointError
 from .hub import push_to_hub
+from .verbs import add_adapter, get_base_model, merge_adapter, unmerge_adapter
 
 __all__ += [
     "DecompositionCache",
     "SVFCheckpoint",
     "SVFCheckpointError",
     "active_adapter",
+    "add_adapter",
     "delete_adapter",
     "disable_adapter",
+    "get_base_model",
     "list_adapters",
     "load_svf",
+    "merge_adapter",
     "mix_adapters",
     "push_to_hub",
     "read_svf",
     "save_svf",
     "set_adapter",
+    "unmerge_adapter",
 ]
