@@ -31,10 +31,18 @@ MIN_SECONDS = {True: 8.0, False: 45.0}  # quick / full: a method gets at least t
 def mini_root(ctx: Context) -> Path:
     root = Path(ctx.mini_root or ctx.scratch / "mini-data")
     if not (root / "lists" / "train.txt").is_file():
+        from svf_fss.data.errors import DataError
         from svf_fss.data.mini import make_mini
 
         tic = time.time()
-        make_mini(root)
+        try:
+            make_mini(root)
+        except DataError as err:
+            raise DataError(
+                f"no mini dataset in {root} and it cannot be generated here ({err}); generate it where Fashion-MNIST "
+                "is installed (svf-fss make-mini runs/gpu-mini), carry that folder and pass --mini-root runs/gpu-mini "
+                "(benchmarks/README.md, 'GPU check on a lent device')"
+            ) from None
         ctx.report.note(f"generated the mini dataset in {root} ({time.time() - tic:.0f} s)")
     return root
 
