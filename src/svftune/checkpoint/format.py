@@ -156,9 +156,10 @@ class LayerEntry:
             "sha256": self.sha256,
             "fro": self.fro,
             "sketch": self.sketch,
-            "ties": self.ties,
             "delta_S": [self.offset, self.count],
         }
+        if self.ties:  # format 2: absent means none (format 1 always wrote the list)
+            entry["ties"] = self.ties
         if self.full_factors:
             entry["full_factors"] = True
         return entry
@@ -447,7 +448,7 @@ def _layer(schema: Schema, name: str, raw: Any, version: int, offset: int) -> La
     full = raw.get("full_factors", False)
     if not isinstance(full, bool):
         schema.fail(f"{where}.full_factors", "true or false", full)
-    ties = raw.get("ties")
+    ties = raw.get("ties", [] if version >= 2 else None)
     if not isinstance(ties, list) or (full and ties):
         schema.fail(f"{where}.ties", "a list (empty for full_factors layers)", ties)
     previous = (-1, 0)
