@@ -276,9 +276,10 @@ def select_layers(
     for name, module in model.named_modules():
         if not name or not include(name, module) or skip(name, module):
             continue
-        if any(_path_match(name, o) for o in owned):
-            if isinstance(module, (*targets, SVFLayer)):
-                peft.append(name)
+        owner = next((o for o in owned if _path_match(name, o)), None)
+        if owner is not None:
+            if isinstance(module, (*targets, SVFLayer)) and owner not in peft:
+                peft.append(owner)
         elif isinstance(module, SVFLayer):
             already.append(name)
         elif isinstance(module, targets) or (convs_targeted and isinstance(module, nn.modules.conv._ConvNd)):
@@ -303,7 +304,7 @@ def select_layers(
             f"({', '.join(LAYER_KINDS)}): {_shown(passed)}"
         )
     if peft:
-        notes.append(f"left out {len(peft)} layers that a PEFT adapter owns: {_shown(peft)}")
+        notes.append(f"left out {len(peft)} layers that a PEFT adapter owns (its tuner layers): {_shown(peft)}")
     if not selected:
         if isinstance(model, (*plain_classes(), SVFLayer)) and not list(model.children()):
             raise ValueError(
