@@ -86,11 +86,6 @@ def test_every_row_config_states_the_dilation_of_the_code_behind_its_row(path):
     assert config.dilation == ("torchvision" if svf_release_model else "pspnet")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/engine.py build_run_model / train_base_learner do not forward config.dilation and config.kshot "
-    "to build_model / build_pspnet yet (issue 13; the engine is outside this change): remove this mark when they do",
-)
 def test_run_model_has_the_config_s_dilation_and_kshot():
     from svf_fss.train.engine import build_run_model
 

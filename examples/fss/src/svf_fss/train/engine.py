@@ -87,6 +87,8 @@ def build_run_model(config: RunConfig) -> nn.Module:
         svf_form=config.svf_form,
         strategy_layers=config.strategy_layers,
         conv_kind=config.conv_kind,
+        dilation=config.dilation,
+        kshot=config.kshot,
     )
 
 
@@ -474,7 +476,7 @@ def train_base_learner(config: RunConfig, process: Process) -> Path:
     """
     out = _start_run(config, process)
     train_set, _ = build_datasets(dataclasses.replace(config, method="bam", shots=1))
-    model = build_pspnet(config.backbone, "coco" if config.dataset == "coco" else "pascal")
+    model = build_pspnet(config.backbone, "coco" if config.dataset == "coco" else "pascal", dilation=config.dilation)
     if config.backbone_weights:
         from ..models import load_backbone_weights
 
