@@ -210,6 +210,20 @@ def test_table_layout(tmp_path):
     assert PAPER[("coco", "bam", True, "resnet50_v2", 5)] == 53.87
 
 
+def test_table_keeps_release_kshot_runs_apart(tmp_path):
+    for kshot, bonus in (("mean", 0.0), ("sum", 0.05)):
+        for strategy in ("frozen", "svf"):
+            run = tmp_path / kshot / strategy
+            run.mkdir(parents=True)
+            config = {"dataset": "pascal", "backbone": "resnet50_v2", "shots": 5, "fold": 0, "kshot": kshot}
+            config.update(method="baseline", strategy=strategy, trick=True)
+            (run / "config.json").write_text(json.dumps(config))
+            (run / "test_best.json").write_text(json.dumps({"miou": 0.5 + bonus + (0.01 if strategy == "svf" else 0)}))
+    text = markdown_table(collect_runs(tmp_path))
+    assert "| baseline†+SVF | 51.00 |" in text and "| baseline†+SVF (K-shot sum) | 56.00 |" in text
+    assert "| baseline† (K-shot sum) | 55.00 |" in text and "| baseline† | 50.00 |" in text
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

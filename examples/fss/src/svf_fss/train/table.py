@@ -41,6 +41,8 @@ def _row_name(config: dict[str, Any]) -> str:
     dagger = "†" if config.get("trick", True) else ""
     strategy = config["strategy"]
     suffix = "" if strategy == "frozen" else "+SVF" if strategy == "svf" else f"+{strategy}"
+    if config.get("kshot") == "sum":  # the SVF release's K-shot rule: its own row next to the mean-rule run
+        suffix += " (K-shot sum)"
     return f"{config['method']}{dagger}{suffix}"
 
 
