@@ -37,9 +37,9 @@ class Block:
     skip_reason: str | None
 
 
-def code_blocks(page: str) -> list[Block]:
+def code_blocks(page: str, root: Path = DOCS) -> list[Block]:
     """The page's ```python blocks with their first line number and not-run reason (if any)."""
-    text = (DOCS / page).read_text()
+    text = (root / page).read_text()
     blocks = []
     for match in FENCE.finditer(text):
         before = text[: match.start()].rstrip("\n").splitlines()
@@ -61,8 +61,9 @@ def test_executed_pages_exist_and_have_examples():
         assert any(b.skip_reason is None for b in blocks), f"{page} has no runnable python example"
 
 
-@pytest.mark.parametrize("page", EXECUTED_PAGES)
-def test_page_examples_run(page, tmp_path, monkeypatch):
+def run_blocks(blocks: list[Block], label: str, tmp_path: Path, monkeypatch, transform=lambda code: code) -> None:
+    """Run the runnable blocks in order in one fresh namespace, offline, in ``tmp_path`` (``transform`` edits the
+    code of each block first); not-run blocks are only compiled."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
@@ -75,14 +76,19 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small examples: one thread is faster on a busy 2-core machine
     torch.manual_seed(0)
-    namespace: dict = {"__name__": f"docs_{Path(page).stem.replace('-', '_')}"}
+    namespace: dict = {"__name__": f"docs_{Path(label).stem.replace('-', '_')}"}
     try:
-        for block in code_blocks(page):
-            code = compile(block.code, f"docs/{page}:{block.line}", "exec")  # not-run blocks must still parse
+        for block in blocks:
+            code = compile(transform(block.code), f"{label}:{block.line}", "exec")  # not-run blocks must still parse
             if block.skip_reason is None:
                 exec(code, namespace)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("page", EXECUTED_PAGES)
+def test_page_examples_run(page, tmp_path, monkeypatch):
+    run_blocks(code_blocks(page), f"docs/{page}", tmp_path, monkeypatch)
 
 
 def test_mkdocs_build_strict(tmp_path):

@@ -85,7 +85,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
         if getattr(type(module), method, None) is not getattr(base, method, None):
             return (
                 f"is a {type(module).__name__}, a subclass of {base.__name__} that overrides {method}() "
-                "(e.g. TensorFlow-style 'same' padding computed in forward), so replacing it would silently change "
+                "(e.g. timm's Conv2dSame, which pads the input in forward), so replacing it would silently change "
                 "the model; leave it out with exclude=[...]"
             )
     if kind.transposed and tuple(module.weight.shape) != (module.nx, module.nf):
