@@ -336,3 +336,37 @@ def test_concurrent_writers_leave_one_complete_checkpoint(tmp_path):
     names = sorted(p.name for p in Path(targets[1]).iterdir())
     assert len(names) == 3 and names[:2] == ["README.md", CONFIG_NAME], names
     assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".lock"))]
+
+
+# ------------------------------------------------------------------------------------------ modules_to_save
+def _head_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(128, 3)
+    ).eval()
+
+
+@pytest.mark.parametrize("form", ["m.safetensors", "m_dir"])
+def test_modules_to_save_are_stored_whole_and_loaded(tmp_path, form):
+    model = svftune.apply_svf(_head_model(), layers=["0"], modules_to_save=["1", "4"])
+    with torch.no_grad():
+        model[0].S.mul_(1.1)
+        model[4].weight.mul_(-2)
+        model[1].running_mean.add_(0.5)
+        model[1].weight.add_(0.25)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    expected = model.eval()(x)
+    path = svftune.save_svf(model, tmp_path / form)
+    checkpoint = svftune.read_svf(path)
+    assert set(checkpoint.modules) == {"1", "4"} and "running_mean" in checkpoint.modules["1"]
+    assert not checkpoint.extra  # their parameters are not stored twice
+    assert set(checkpoint.metadata["digests"]) >= {"module/1/running_mean", "module/4/weight"}
+    loaded = svftune.load_svf(_head_model(), path).eval()
+    assert torch.equal(loaded(x), expected)
+    assert loaded[4].weight.requires_grad and loaded.svf_config.modules_to_save == ["1", "4"]
+
+    other = torch.nn.Sequential(*list(_head_model())[:4])  # no head
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(SVFCheckpointError, match="4: module saved whole"):
+        svftune.load_svf(other, path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())

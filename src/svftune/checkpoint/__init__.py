@@ -35,6 +35,8 @@ below are the public API; ``svftune.errors`` holds the exception types and ``svf
 
 from .._io import atomic_write
 from ..errors import SVFAdapterError, SVFCheckpointError
+from . import format as _format
+from . import modules as _modules
 from .card import model_card
 from .format import (
     CARD_NAME,
@@ -49,7 +51,10 @@ from .format import (
 )
 from .load import LoadPlan, check_model, load_svf
 from .read import MAX_METADATA_BYTES, parse_safetensors, read_svf, resolve_source
-from .save import save_svf
+from .save import EXTRA_WRITERS, save_svf
+
+_format.EXTRA_SECTIONS[_modules.SECTION] = _modules.check
+EXTRA_WRITERS[_modules.SECTION] = _modules.write
 
 __all__ = [
     "CARD_NAME",

@@ -183,6 +183,8 @@ class SVFCheckpoint:
         extra: other trained parameters by name (e.g. a new head), saved with ``include_trainable=True``.
         source: where it was read from (a path or Hub repo id; ``"<memory>"`` when built otherwise).
         size_bytes: size of what was read (weights plus configuration file), in bytes.
+        modules: per module saved whole (``apply_svf(modules_to_save=...)``), its floating-point parameters and
+            buffers by name.
     """
 
     metadata: dict[str, Any]
@@ -193,6 +195,7 @@ class SVFCheckpoint:
     extra: dict[str, Tensor]  # other trained parameters
     source: str = "<memory>"
     size_bytes: int = 0
+    modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     @property
     def config(self) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from ..errors import SVFCheckpointError
 from ..layers import SVFLayer, normalize_train, unsupported_reason
 from ..model import apply_svf, svf_layers, unapply_svf
 from .format import KINDS_REGISTRY, SHOWN, SVFCheckpoint, kind_of_layer
+from .modules import module_tensors
+from .modules import problems as module_problems
 from .read import read_svf
 
 
@@ -95,6 +97,8 @@ def load_svf(
     plan = check_model(model, checkpoint, strict=strict)
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
     modes = {name: module.training for name, module in model.named_modules()}
+    whole = module_tensors(model, list(checkpoint.modules))
+    saved_state = {(m, k): t.detach().clone() for m, state in whole.items() for k, t in state.items()}
     applied = False
     try:
         if plan.plain:
@@ -102,7 +106,14 @@ def load_svf(
             applied = True
         adapter = adapter_from_checkpoint(model, checkpoint, plan, adapter_name)
         register_adapter(model, adapter)
+        with torch.no_grad():
+            for module, state in checkpoint.modules.items():
+                for key, value in state.items():
+                    whole[module][key].copy_(value)
     except BaseException:
+        with torch.no_grad():
+            for (module, key), value in saved_state.items():
+                whole[module][key].copy_(value)
         if applied or (plan.plain and svf_layers(model)):
             unapply_svf(model)
             model.__dict__.pop("svf_adapters", None)
@@ -228,6 +239,7 @@ def check_model(model: nn.Module, checkpoint: SVFCheckpoint, *, strict: bool = T
             for name in existing
             if name not in checkpoint.layers
         ]
+    problems += module_problems(model, checkpoint.modules)
     parameters = dict(model.named_parameters())
     extra = []
     for pname, tensor in checkpoint.extra.items():
@@ -280,6 +292,8 @@ def _apply_for_checkpoint(model: nn.Module, checkpoint: SVFCheckpoint, plan: Loa
         "freeze_bn": config["freeze_bn"],
         "freeze_others": config["freeze_others"],
     }
+    if checkpoint.modules:
+        kwargs["modules_to_save"] = list(checkpoint.modules)
     modules = dict(model.named_modules())
     modes = {name: modules[name].training for name in plan.loadable}
     if cache_dir is None:

@@ -201,7 +201,11 @@ def assemble(meta: dict[str, Any], file: IO[bytes], header: SafetensorsHeader, w
         if runs:
             bases[name] = runs
     extra = {pname: tensors[f"extra/{pname}"] for pname in layout.extra}
-    return SVFCheckpoint(meta, layout.layers, deltas, bases, factors, extra, where, size)
+    modules = {
+        module: {key: tensors[f"module/{module}/{key}"] for key in state}
+        for module, state in meta.get("modules_to_save", {}).items()
+    }
+    return SVFCheckpoint(meta, layout.layers, deltas, bases, factors, extra, where, size, modules)
 
 
 def parse_safetensors(data: bytes, where: str) -> tuple[dict[str, str], dict[str, Tensor]]:

@@ -34,6 +34,7 @@ from .format import (
     config_to_json,
     kind_of_layer,
 )
+from .modules import module_tensors, saved_modules
 
 EXTRA_WRITERS: dict[str, Callable[[nn.Module, torch.dtype | None], tuple[Any, dict[str, Tensor]] | None]] = {}
 """Hook for optional sections (see ``format.EXTRA_SECTIONS``): section name -> ``(model, dtype) -> (metadata,
@@ -144,6 +145,8 @@ def checkpoint_record(
     extra = {}
     if include_trainable:
         internal = {id(t) for _, layer in layers for t in (layer.U, layer.S, layer.Vh, layer.residual)}
+        whole = module_tensors(model, saved_modules(model))  # stored in their own section
+        internal |= {id(t) for state in whole.values() for t in state.values()}
         for pname, parameter in model.named_parameters():
             if parameter.requires_grad and id(parameter) not in internal:
                 value = parameter.detach().to("cpu", dtype or parameter.dtype).contiguous()
