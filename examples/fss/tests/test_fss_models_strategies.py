@@ -243,3 +243,28 @@ def test_lora_without_peft_says_how_to_install(plain, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ImportError, match="pip install peft"):
         apply_strategy(plain("mobilenet_v2"), "lora")
+
+
+def test_lora_on_dilated_convs_is_the_merged_weight_conv(plain):
+    """On the output-stride-8 ResNet (layer3/4 dilated) each LoRA conv computes conv(x, W + s B A) in float64."""
+    from torch.nn import functional as F
+
+    backbone = plain("resnet50").double()
+    apply_strategy(backbone, "lora:layer4,r=2")
+    torch.manual_seed(0)
+    checked = 0
+    for module in backbone.layer4.modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(base, nn.Conv2d) or base.dilation == (1, 1):
+            continue
+        a, b = module.lora_A["default"], module.lora_B["default"]
+        with torch.no_grad():
+            b.weight.normal_()
+            x = torch.randn(1, base.in_channels, 9, 9, dtype=torch.float64)
+            delta = torch.einsum("or,rikl->oikl", b.weight[:, :, 0, 0], a.weight) * module.scaling["default"]
+            expected = F.conv2d(x, base.weight + delta, base.bias, base.stride, base.padding, base.dilation)
+            got = module(x)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() <= 1e-10 * expected.abs().max()
+        checked += 1
+    assert checked == 3  # one dilated 3x3 conv per block of layer4

@@ -229,8 +229,23 @@ def _inject_lora(backbone: Backbone, stages: list[tuple[str, nn.Module]], rank: 
     # exact names (PEFT matches a list entry against the full name or a '.'-suffix of it; full names are unique)
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
     inject_adapter_in_model(config, backbone)
+    _match_dilation(backbone)
     for name, parameter in backbone.named_parameters():
         parameter.requires_grad_(".lora_" in name)
+
+
+def _match_dilation(backbone: nn.Module) -> None:
+    """PEFT (0.21) builds LoRA's ``A`` conv with the base conv's kernel, stride and padding but not its dilation, so
+    on the dilated convs of an output-stride-8 ResNet ``B A x`` comes out at another size than ``W x``. ``A`` with the
+    base's dilation makes ``B A`` the kernel-space update LoRA means (``W + B A`` is what a merge would compute)."""
+    for module in backbone.modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(base, nn.Conv2d) or not hasattr(module, "lora_A"):
+            continue
+        if base.padding_mode != "zeros":
+            raise ValueError(f"strategy 'lora' supports zero-padded convs only, got padding_mode={base.padding_mode!r}")
+        for conv in module.lora_A.values():
+            conv.dilation = base.dilation
 
 
 def _train(parameters) -> None:
