@@ -430,3 +430,73 @@ def test_decompose_hook_replaces_the_svd():
     model = svftune.apply_svf(make_net(), ["layer1"], decompose=recording_svd)
     assert calls == [(1, 8, 72), (1, 8, 8)]
     assert adapted_names(model) == ["layer1.conv1", "layer1.conv2"]
+
+
+# ------------------------------------------------------------------------------------------- ties, saving, verbs
+def test_merge_and_unapply_without_svf_layers_are_errors():
+    assert "has no SVF layers" in error_message(ValueError, svftune.merge_svf, make_net())
+    assert "has no SVF layers" in error_message(ValueError, svftune.unapply_svf, make_net())
+    model = svftune.apply_svf(make_net(), ["layer1"])
+    svftune.merge_svf(model)
+    assert "already removed them" in error_message(ValueError, svftune.merge_svf, model)
+
+
+def test_modules_to_save_train_fully_and_are_recorded():
+    model = svftune.apply_svf(make_net(), ["layer1"], modules_to_save=["layer2", "head"])
+    assert svftune.model.modules_to_save(model) == ["layer2", "head"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"layer1.conv1.S", "layer1.conv2.S", "head.weight", "head.bias"}
+    expected |= {n for n, _ in model.layer2.named_parameters(prefix="layer2")}
+    assert trainable == expected
+    model.train()
+    assert model.layer2.bn1.training and not model.layer1.bn1.training, "a saved module's norm layers train"
+    message = error_message(ValueError, svftune.apply_svf, make_net(), ["layer1"], modules_to_save=["layer1"])
+    assert "contains layers selected for SVF" in message
+    assert "'hed' matches no module" in error_message(
+        ValueError, svftune.apply_svf, make_net(), modules_to_save=["hed"]
+    )
+    svftune.unapply_svf(model)
+    assert svftune.model.modules_to_save(model) == []
+
+
+def test_block_reused_at_two_places_is_refused_or_kept_tied():
+    model = make_net()
+    model.layer20 = model.layer2  # weight sharing across blocks
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    message = error_message(ValueError, svftune.apply_svf, model, ["layer2"])
+    assert "layer2.conv1.weight is also layer20.conv1.weight" in message and "tied='keep'" in message
+    assert not svftune.svf_layers(model)
+    svftune.apply_svf(model, ["layer2"], tied="keep")
+    assert model.layer20.conv1 is model.layer2.conv1 and isinstance(model.layer2.conv1, SVFConv2d)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), expected)
+    perturb_singular_values(model)
+    merged = svftune.merge_svf(model)
+    assert merged.layer20.conv1 is merged.layer2.conv1 and type(merged.layer2.conv1) is nn.Conv2d
+
+
+def test_two_linears_sharing_one_parameter_kept_tied():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+    model[2].weight = model[0].weight
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = model(x)
+    svftune.apply_svf(model, tied="keep")
+    assert [n for n, _ in svftune.svf_layers(model)] == ["0"], "the shared weight is adapted once"
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    model.train()
+    model(x).square().sum().backward()
+    assert model[0].S.grad is not None
+    restored = svftune.unapply_svf(model)
+    assert restored[2].weight is restored[0].weight and isinstance(restored[0], nn.Linear)
+
+
+def test_root_path_that_is_also_a_deeper_name_warns():
+    model = make_net()
+    model.layer1.stem = nn.Conv2d(8, 8, 1)  # a deeper module named like the root `stem`
+    with pytest.warns(svftune.SVFSelectionWarning, match=r"'stem' is a module path from the root .*layer1\.stem"):
+        assert adapted_names(svftune.apply_svf(model, ["stem"])) == ["stem"]
