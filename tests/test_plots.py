@@ -374,12 +374,12 @@ def test_cli_plot_changes(cli_files, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "grouped, 9 singular values" in capsys.readouterr().out  # default: the layer with the largest change
     args = ["plot-changes", str(folder / "ckpt.safetensors"), "--out", str(out), "--layer", "conv", "--by", "relative"]
-    assert main(args) == 1
+    assert main(args) == 2
     assert "needs the pretrained singular values S0" in capsys.readouterr().err
     for base in ("base.pt", "base.safetensors"):
         assert main([*args, "--base", str(folder / base)]) == 0
         assert "wrote" in capsys.readouterr().out
-    assert main(["plot-changes", str(folder / "ckpt.safetensors"), "--out", str(out), "--layer", "lift"]) == 1
+    assert main(["plot-changes", str(folder / "ckpt.safetensors"), "--out", str(out), "--layer", "lift"]) == 2
     assert "no SVF layer 'lift' in the checkpoint" in capsys.readouterr().err
 
 
@@ -405,16 +405,16 @@ def test_cli_plot_activations(cli_files, capsys):
     assert main([*common, "--layer", "grouped", "--image", str(folder / "photo.png"), "--top", "2"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "4 directions of grouped" in capsys.readouterr().out
-    assert main([*common, "--layer", "grouped", "--image", str(folder / "missing.png")]) == 1
+    assert main([*common, "--layer", "grouped", "--image", str(folder / "missing.png")]) == 2
     assert "--image" in (err := capsys.readouterr().err) and "no such file" in err
-    assert main([*common, "--layer", "nope", "--image", str(folder / "photo.png")]) == 1
+    assert main([*common, "--layer", "nope", "--image", str(folder / "photo.png")]) == 2
     assert "no layer 'nope'; its SVF layers are: conv, grouped, head" in capsys.readouterr().err
-    assert main([*common, "--layer", "act", "--image", str(folder / "photo.png")]) == 1
+    assert main([*common, "--layer", "act", "--image", str(folder / "photo.png")]) == 2
     assert "'act' is a ReLU, not an SVF layer" in capsys.readouterr().err
     bad = [*common, "--layer", "conv", "--image", str(folder / "photo.png")]
     bad[2] = "test_plots:nothing_here"
-    assert main(bad) == 1
+    assert main(bad) == 2
     assert "has no callable nothing_here" in capsys.readouterr().err
     (folder / "notimage.png").write_text("hello")
-    assert main([*common, "--layer", "conv", "--image", str(folder / "notimage.png")]) == 1
+    assert main([*common, "--layer", "conv", "--image", str(folder / "notimage.png")]) == 2
     assert "cannot read it as an image" in capsys.readouterr().err

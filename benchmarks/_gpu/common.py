@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import statistics
 import time
 import warnings
@@ -92,9 +91,9 @@ class Report:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        from svftune._io import atomic_write_text
+
+        atomic_write_text(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
 @dataclass

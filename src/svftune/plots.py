@@ -1,18 +1,10 @@
 """Pictures of what SVF changed: singular-value changes (the paper's Figure 6) and subspace activation maps
-(Figures 4-5).
+(Figures 4-5); examples in docs/pictures.md.
 
 Computation and drawing are separate. ``singular_value_changes`` and ``subspace_activations`` return plain
-tensors (float64) that can be checked exactly; ``plot_singular_value_changes`` and
-``plot_subspace_activations`` turn them into a ``matplotlib.figure.Figure``. Matplotlib is optional
-(``pip install 'svftune[plots]'``) and only imported inside the drawing functions; they build figures with the
-object API (no ``pyplot`` global state), so they work in any backend, headless included:
-
-    from svftune import plots
-
-    changes = plots.singular_value_changes(model, layer="backbone.layer4.0.conv2")
-    plots.plot_singular_value_changes(changes["backbone.layer4.0.conv2"]).savefig("changes.png")
-    maps = plots.subspace_activations(model, "backbone.layer4.0.conv2", image[None], top=3)
-    plots.plot_subspace_activations(image, maps).savefig("maps.png")
+tensors (float64) that can be checked exactly; ``plot_singular_value_changes`` and ``plot_subspace_activations``
+turn them into a ``matplotlib.figure.Figure``. Matplotlib is optional (``pip install 'svftune[plots]'``), imported
+only inside the drawing functions, which use the object API (no ``pyplot`` state), so any backend works headless.
 
 **Directions.** A layer folded per group to ``W_g = U_g diag(S_g) Vh_g`` is a sum of rank-one components
 ``S[g, r] * u_{g,r} v_{g,r}^T``, one per singular value; ``(g, r)`` names one of them (``g`` is always 0 for
@@ -20,17 +12,13 @@ ungrouped layers and Linear layers).
 
 **Activation map of a direction.** For an input ``x`` of the layer and an output position ``p`` with input patch
 ``x_p`` (the ``in/groups * prod(kernel)`` values the layer's kernel sees there, in group ``g``, with the layer's
-own stride, padding, dilation and padding mode), the map is
-
-    ``A[g, r](p) = |S[g, r]| * |v_{g,r}^T x_p|``
-
-that is, the Euclidean norm of what the rank-one component adds to the layer's output at ``p``
-(``||u_{g,r}|| = 1``). It is the absolute value of channel ``g * R + r`` of the ``Vh``-conv of the paper's
-three-op form, scaled by the fine-tuned singular value. The absolute value makes the map independent of the SVD's
-arbitrary sign choice (``(u, v)`` and ``(-u, -v)`` are both valid); ``signed=True`` returns
-``S[g, r] * v_{g,r}^T x_p`` instead, whose sign follows that arbitrary choice. Inside a run of tied singular
-values the single directions are not unique either (any rotation is a valid SVD): only pictures of untied
-directions mean something.
+own stride, padding, dilation and padding mode), the map is ``A[g, r](p) = |S[g, r]| * |v_{g,r}^T x_p|``,
+the Euclidean norm of what the rank-one component adds to the layer's output at ``p`` (``||u_{g,r}|| = 1``):
+the absolute value of channel ``g * R + r`` of the ``Vh``-conv of the paper's three-op form, scaled by the
+fine-tuned singular value. The absolute value makes the map independent of the SVD's arbitrary sign choice
+(``(u, v)`` and ``(-u, -v)`` are both valid); ``signed=True`` returns ``S[g, r] * v_{g,r}^T x_p`` instead, whose
+sign follows that choice. Inside a run of tied singular values the single directions are not unique either (any
+rotation is a valid SVD): only pictures of untied directions mean something.
 
 **Which directions.** By default the ``top`` directions whose singular value grew most and the ``top`` that
 shrank most, ranked by ``by="absolute"`` (``S - S0``) or ``by="relative"`` (``(S - S0) / S0``); values that did
