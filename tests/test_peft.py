@@ -99,7 +99,12 @@ def test_peft_first_then_svf(tmp_path):
     assert torch.equal(_logits(fresh), trained)
     assert any(p.requires_grad for n, p in fresh.named_parameters() if "lora_" in n), "LoRA still trains"
 
-    merged = svftune.merge_svf(fresh.merge_and_unload())
+    inner = fresh.merge_and_unload()  # LoRA merged: the transformers model, with its SVF layers
+    with pytest.warns(svftune.SVFSaveWarning):  # its save_pretrained writes plain keys, though SVF came via PEFT
+        inner.save_pretrained(tmp_path / "merged")
+    reloaded = type(inner).from_pretrained(tmp_path / "merged")
+    assert relative_error(_logits(reloaded), trained) <= RTOL_MERGE
+    merged = svftune.merge_svf(inner)
     assert not svftune.svf_layers(merged) and not any("lora_" in n for n, _ in merged.named_parameters())
     assert relative_error(_logits(merged), trained) <= RTOL_MERGE
 

@@ -113,16 +113,19 @@ def _is_svf_key(model: nn.Module, key: str) -> bool:
 
 
 def after_apply(model: nn.Module) -> None:
-    """Called by ``apply_svf``: a transformers model's ``save_pretrained`` writes merged, plain-key weights."""
-    if _is_transformers_model(model) and _SAVE not in model.__dict__:
-        model.__dict__[_SAVE] = types.MethodType(_save_pretrained, model)
+    """Called by ``apply_svf``: every transformers model in ``model`` (itself, or the one a PEFT model wraps)
+    gets a ``save_pretrained`` that writes merged, plain-key weights."""
+    for module in model.modules():
+        if _is_transformers_model(module) and _SAVE not in module.__dict__:
+            module.__dict__[_SAVE] = types.MethodType(_save_pretrained, module)
 
 
 def after_remove(model: nn.Module) -> None:
     """Called by ``merge_svf``/``unapply_svf``: the class's own ``save_pretrained`` again."""
-    method = model.__dict__.get(_SAVE)
-    if isinstance(method, types.MethodType) and method.__func__ is _save_pretrained:
-        del model.__dict__[_SAVE]
+    for module in model.modules():
+        method = module.__dict__.get(_SAVE)
+        if isinstance(method, types.MethodType) and method.__func__ is _save_pretrained:
+            del module.__dict__[_SAVE]
 
 
 def enable_svf_training(model: nn.Module) -> int:
