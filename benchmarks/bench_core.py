@@ -616,11 +616,7 @@ def layer_records(svf: nn.Module, x: torch.Tensor) -> list[dict]:
 
 def predicted_ratio(layer, positions: int, input_grad: int) -> float:
     """three_op / rebuilt multiply-adds, as the cost model in layers.py counts them."""
-    groups, out_per_group, rank = layer.U.shape
-    fan_in = layer.Vh.shape[-1]
-    three_op = positions * groups * rank * (fan_in * (1 + input_grad) + 2 * out_per_group)
-    rebuilt = positions * groups * out_per_group * fan_in * (2 + input_grad)
-    rebuilt += 2 * groups * out_per_group * rank * fan_in
+    three_op, rebuilt = layer.training_costs(positions, bool(input_grad))
     return three_op / rebuilt
 
 

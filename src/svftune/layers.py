@@ -341,15 +341,19 @@ class SVFLayer(nn.Module):
             return False  # U, V or W train: only the rebuilt form carries their gradients
         if self.form != "auto":
             return self.form in ("three_op", "lean")
+        three_op, rebuilt = self.training_costs(self._output_positions(x), x.requires_grad)
+        return three_op < rebuilt
+
+    def training_costs(self, positions: int, input_grad: bool) -> tuple[float, float]:
+        """Multiply-adds of one forward + backward in the three-op and in the rebuilt form (the ``"auto"`` cost
+        model; see the module docstring and docs/concepts.md), for ``positions`` output positions."""
         groups, out_per_group, rank = self.U.shape
         fan_in = self.Vh.shape[-1]
-        positions = self._output_positions(x)
-        input_grad = int(x.requires_grad)
-        # multiply-adds of forward + backward (see module docstring and docs/concepts.md)
-        three_op = positions * groups * rank * (fan_in * (1 + input_grad) + 2 * out_per_group)
-        rebuilt = positions * groups * out_per_group * fan_in * (1 + WEIGHT_GRAD_COST + input_grad)
+        grad = int(input_grad)
+        three_op = positions * groups * rank * (fan_in * (1 + grad) + 2 * out_per_group)
+        rebuilt = positions * groups * out_per_group * fan_in * (1 + WEIGHT_GRAD_COST + grad)
         rebuilt += 2 * groups * out_per_group * rank * fan_in  # rebuilding W and projecting dW onto S
-        return three_op < rebuilt
+        return float(three_op), float(rebuilt)
 
     def _output_positions(self, x: Tensor) -> int:
         raise NotImplementedError
