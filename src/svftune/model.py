@@ -27,8 +27,8 @@ class SVFConfig:
     """What ``apply_svf`` did to a model; stored on it as ``model.svf_config``.
 
     A second ``apply_svf`` call on the same model (other layers) extends the record; ``merge_svf`` and
-    ``unapply_svf`` remove it. ``svftune.save_svf`` writes ``train``, ``form``, ``freeze_bn`` and
-    ``freeze_others`` into the checkpoint, so that ``svftune.load_svf`` applies SVF the same way.
+    ``unapply_svf`` remove it. ``svftune.save_svf`` writes ``train``, ``form``, ``freeze_bn``,
+    ``freeze_others`` and ``tied`` into the checkpoint, so that ``svftune.load_svf`` applies SVF the same way.
 
     Attributes:
         layer_names: names of the adapted layers, in the order they were adapted.

@@ -26,6 +26,7 @@ from .. import fingerprint as fp
 from .._io import TensorInfo
 from ..errors import SVFCheckpointError
 from ..layers import normalize_form, normalize_train
+from ..ties import TIED_MODES
 
 FORMAT = "svftune.svf_checkpoint"
 """The ``format`` field every checkpoint's metadata carries."""
@@ -199,7 +200,8 @@ class SVFCheckpoint:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The ``apply_svf`` configuration trained with: ``train``, ``form``, ``freeze_bn``, ``freeze_others``."""
+        """The ``apply_svf`` configuration trained with: ``train``, ``form``, ``freeze_bn``, ``freeze_others`` (and
+        ``tied`` since it is stored; absent means ``"error"``)."""
         return self.metadata["config"]
 
     @property
@@ -216,6 +218,7 @@ def config_to_json(config: Any, train: str, form: str) -> dict[str, Any]:
         "form": normalize_form(form),
         "freeze_bn": bool(config.freeze_bn) if config is not None else True,
         "freeze_others": bool(config.freeze_others) if config is not None else True,
+        "tied": config.tied if config is not None else "error",
     }
 
 
@@ -232,6 +235,9 @@ def config_from_json(raw: Any, schema: Schema) -> dict[str, Any]:
         raise SVFCheckpointError(f"{schema.where}: config is not valid: {err}") from None
     for key in ("freeze_bn", "freeze_others"):
         schema.get(raw, key, bool, "config")
+    tied = raw.get("tied", "error")  # absent in format 1 and older format-2 files: "error", apply_svf's default
+    if not isinstance(tied, str) or tied not in TIED_MODES:
+        schema.fail("config.tied", f"one of {', '.join(map(repr, TIED_MODES))}", tied)
     return raw
 
 

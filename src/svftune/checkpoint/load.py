@@ -291,6 +291,7 @@ def _apply_for_checkpoint(model: nn.Module, checkpoint: SVFCheckpoint, plan: Loa
         "form": config["form"],
         "freeze_bn": config["freeze_bn"],
         "freeze_others": config["freeze_others"],
+        "tied": config.get("tied", "error"),
     }
     if checkpoint.modules:
         kwargs["modules_to_save"] = list(checkpoint.modules)
