@@ -70,7 +70,8 @@ def test_svf_first_then_peft(tmp_path):
     _check_trains_both(peft_model)
     trained = _logits(peft_model)
 
-    svftune.save_svf(peft_model.get_base_model(), tmp_path / "svf.safetensors", include_trainable=False)
+    path = svftune.save_svf(peft_model.get_base_model(), tmp_path / "svf.safetensors")
+    assert not svftune.read_svf(path).extra, "LoRA's weights are PEFT's to save"
     peft_model.save_pretrained(tmp_path / "lora")
     fresh = _llama()
     svftune.load_svf(fresh, tmp_path / "svf.safetensors")
@@ -92,7 +93,8 @@ def test_peft_first_then_svf(tmp_path):
     _check_trains_both(peft_model)
     trained = _logits(peft_model)
 
-    svftune.save_svf(peft_model, tmp_path / "svf.safetensors", include_trainable=False)  # LoRA: PEFT saves it
+    path = svftune.save_svf(peft_model, tmp_path / "svf.safetensors")  # LoRA: PEFT saves it
+    assert not svftune.read_svf(path).extra, "LoRA's weights are PEFT's to save"
     peft_model.save_pretrained(tmp_path / "lora")
     fresh = peft.PeftModel.from_pretrained(_llama(), tmp_path / "lora", is_trainable=True)
     svftune.load_svf(fresh, tmp_path / "svf.safetensors")
@@ -107,6 +109,27 @@ def test_peft_first_then_svf(tmp_path):
     merged = svftune.merge_svf(inner)
     assert not svftune.svf_layers(merged) and not any("lora_" in n for n, _ in merged.named_parameters())
     assert relative_error(_logits(merged), trained) <= RTOL_MERGE
+
+
+def test_save_svf_leaves_peft_parameters_to_peft(tmp_path):
+    """include_trainable=True (the default) stores the trainable parameters that are the base model's own, and
+    none of PEFT's (LoRA layers, modules_to_save copies), which PEFT's save_pretrained saves."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    peft_model = peft.get_peft_model(_llama(), config)
+    svftune.apply_svf(peft_model, layers=["mlp"])
+    norm = "base_model.model.model.norm.weight"
+    peft_model.get_parameter(norm).requires_grad_(True)  # the user trains one base parameter fully
+    owned = [n for n, p in peft_model.named_parameters() if p.requires_grad and ("lora_" in n or "modules_to" in n)]
+    assert owned, "PEFT's own parameters train"
+    _train(peft_model)
+    trained = _logits(peft_model)
+
+    path = svftune.save_svf(peft_model, tmp_path / "svf.safetensors")
+    assert list(svftune.read_svf(path).extra) == [norm]
+    peft_model.save_pretrained(tmp_path / "lora")
+    fresh = peft.PeftModel.from_pretrained(_llama(), tmp_path / "lora", is_trainable=True)
+    svftune.load_svf(fresh, path)
+    assert torch.equal(_logits(fresh), trained)
 
 
 def test_merge_adapter_round_trip_and_base_model():

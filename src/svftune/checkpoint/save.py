@@ -22,6 +22,7 @@ from .. import fingerprint as fp
 from .._io import atomic_write, dumps_json, remove_leftovers, require_folder, safetensors_bytes, writer_lock
 from ..errors import SVFCheckpointError
 from ..layers import SVFLayer
+from ..matching import peft_owned_names
 from ..model import svf_layers
 from .card import model_card
 from .format import (
@@ -66,7 +67,9 @@ def save_svf(
         metadata: extra JSON-able information kept in the file, e.g. ``{"base_model": "resnet50.a1_in1k",
             "metrics": {"miou": 0.61}}`` (both appear on the model card).
         include_trainable: also store the other parameters that train (``requires_grad``), such as a new
-            classification head, so that loading reproduces the whole fine-tuned model.
+            classification head, so that loading reproduces the whole fine-tuned model. The parameters of a PEFT
+            adapter on the same model (``svftune.matching.peft_owned_names``) are not stored: PEFT's
+            ``save_pretrained`` saves them.
 
     Returns:
         The path written. The write is atomic: a crash or a full disk leaves the previous file (or nothing).
@@ -147,6 +150,8 @@ def checkpoint_record(
         internal = {id(t) for _, layer in layers for t in (layer.U, layer.S, layer.Vh, layer.residual)}
         whole = module_tensors(model, saved_modules(model))  # stored in their own section
         internal |= {id(t) for state in whole.values() for t in state.values()}
+        # another adapter's parameters (PEFT's LoRA layers, its modules_to_save copies): PEFT saves them itself
+        internal |= {id(p) for owner in peft_owned_names(model) for p in model.get_submodule(owner).parameters()}
         for pname, parameter in model.named_parameters():
             if parameter.requires_grad and id(parameter) not in internal:
                 value = parameter.detach().to("cpu", dtype or parameter.dtype).contiguous()
