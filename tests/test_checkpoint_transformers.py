@@ -97,3 +97,24 @@ def test_tied_absent_means_error_and_wrong_value_is_named(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(with_meta(path.read_bytes(), meta))
     with pytest.raises(svftune.SVFCheckpointError, match=r"config\.tied should be one of 'error', 'keep'"):
         svftune.read_svf(tmp_path / "bad.safetensors")
+
+
+def test_cli_rebuilds_a_conv1d_base_layer_when_transformers_came_after_svftune():
+    """``svftune merge``/``diff`` rebuild plain layers by kind; Conv1D resolves at use time, weight kept (in, out)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, svftune\n"
+        "from svftune.cli import _layer_around\n"
+        "from transformers.pytorch_utils import Conv1D\n"  # imported after svftune
+        "torch.manual_seed(0)\n"
+        "ref = Conv1D(6, 4)\n"
+        "layer = _layer_around('Conv1D', ref.weight.detach(), 1, ref.bias.detach())\n"
+        "x = torch.randn(3, 4)\n"
+        "assert type(layer) is Conv1D and layer.weight.shape == (4, 6)\n"
+        "assert torch.equal(layer(x), ref(x))\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

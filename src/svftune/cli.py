@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from . import __version__, plots
 from ._io import atomic_write, read_safetensors, safetensors_bytes
-from .checkpoint import KINDS, SVFCheckpoint, SVFCheckpointError, load_svf, read_svf
+from .checkpoint import SVFCheckpoint, SVFCheckpointError, load_svf, read_svf
+from .checkpoint.format import KINDS_REGISTRY
 from .model import merge_svf, svf_layers
 
 _SUMMARY_LAYERS = 60
@@ -293,9 +294,14 @@ def base_model(
 
 def _layer_around(kind: str, weight: Tensor, groups: int, bias: Tensor | None) -> nn.Module:
     """A plain layer of ``kind`` that holds ``weight`` (and ``bias``) itself."""
-    layer_type = KINDS[kind]
+    registered = KINDS_REGISTRY[kind]  # resolved now: transformers may have been imported after svftune
+    layer_type = registered.plain_class()
+    if layer_type is None:
+        raise SVFCheckpointError(f"the checkpoint has {kind} layers, whose library is not installed (transformers?)")
     with torch.device("meta"):
-        if layer_type is nn.Linear:
+        if registered.transposed:  # transformers' Conv1D(nf=out, nx=in) holds its weight as (in, out)
+            layer = layer_type(weight.shape[1], weight.shape[0])
+        elif layer_type is nn.Linear:
             layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         else:
             layer = layer_type(
