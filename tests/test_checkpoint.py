@@ -294,7 +294,7 @@ DAMAGE = {
         ),
         "not valid JSON",
     ),
-    "bad-train": (lambda p: _rewrite_metadata(p, lambda m, t: m["config"].update(train="X")), "config is not valid"),
+    "bad-train": (lambda p: _rewrite_metadata(p, lambda m, t: m["config"].update(train="X")), "config.train"),
 }
 
 

@@ -92,6 +92,8 @@ FIELDS = {  # edit of the metadata -> the field the message must name
     "config": (lambda m: m.update(config=[1]), "config"),
     "freeze_bn": (lambda m: m["config"].update(freeze_bn=1), "config.freeze_bn"),
     "tied": (lambda m: m["config"].update(tied=True), "config.tied"),
+    "config-unknown": (lambda m: m["config"].update(rank=4), r"config\.rank should be absent"),
+    "config-missing": (lambda m: m["config"].pop("freeze_others"), r"config\.freeze_others should be a bool \(the"),
     "kind-list": (lambda m: m["layers"]["0"].update(kind=["Conv2d"]), r"layers\['0'\].kind"),
     "dtype-list": (lambda m: m["layers"]["0"].update(dtype=["float32"]), r"layers\['0'\].dtype"),
     "shape": (lambda m: m["layers"]["0"].update(shape=[8, 3, 3]), r"layers\['0'\].shape"),

@@ -95,7 +95,8 @@ def test_tied_absent_means_error_and_wrong_value_is_named(tmp_path):
 
     meta["config"]["tied"] = "untie"
     (tmp_path / "bad.safetensors").write_bytes(with_meta(path.read_bytes(), meta))
-    with pytest.raises(svftune.SVFCheckpointError, match=r"config\.tied should be one of 'error', 'keep'"):
+    named = r"config\.tied should be a valid value \(tied='untie' is not valid: choose 'error'"
+    with pytest.raises(svftune.SVFCheckpointError, match=named):
         svftune.read_svf(tmp_path / "bad.safetensors")
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .constants import exact_dtype
 from .errors import SVFAdapterError
 from .fingerprint import is_null_group
 from .model import svf_layers
@@ -373,7 +374,8 @@ def mix_adapters(model: nn.Module, weights: Mapping[str, float], *, name: str = 
             present = [(w, a) for w, a in chosen if lname in a.deltas]
             if not present:
                 continue
-            delta = sum(w * a.deltas[lname].to(layer.S.device, torch.float64) for w, a in present)
+            exact = exact_dtype(layer.S.device)
+            delta = sum(w * a.deltas[lname].to(layer.S.device, exact) for w, a in present)
             runs = []
             for group in range(layer.groups):
                 for start, stop in _merged_runs(group, [a.bases.get(lname, []) for _, a in present]):
@@ -404,17 +406,18 @@ def _merged_runs(group: int, bases: list[list[Run]]) -> list[tuple[int, int]]:
 
 
 def _mix_run(layer: nn.Module, group: int, start: int, stop: int, lname: str, present: list) -> tuple:
-    """Singular vectors and values of the mixed change restricted to one run, in float64."""
-    base_u = layer.U.detach()[group, :, start:stop].to(torch.float64)
-    base_vh = layer.Vh.detach()[group, start:stop, :].to(torch.float64)
-    core = torch.zeros(stop - start, stop - start, dtype=torch.float64, device=base_u.device)
+    """Singular vectors and values of the mixed change restricted to one run, in float64 (float32 on MPS)."""
+    exact = exact_dtype(layer.U.device)
+    base_u = layer.U.detach()[group, :, start:stop].to(exact)
+    base_vh = layer.Vh.detach()[group, start:stop, :].to(exact)
+    core = torch.zeros(stop - start, stop - start, dtype=exact, device=base_u.device)
     for weight, adapter in present:
         u, vh = base_u.clone(), base_vh.clone()
         for g, a, b, run_u, run_vh in adapter.bases.get(lname, []):
             if g == group and start <= a and b <= stop:
-                u[:, a - start : b - start] = run_u.to(base_u.device, torch.float64)
-                vh[a - start : b - start, :] = run_vh.to(base_u.device, torch.float64)
-        values = adapter.deltas[lname][group, start:stop].to(base_u.device, torch.float64)
+                u[:, a - start : b - start] = run_u.to(base_u.device, exact)
+                vh[a - start : b - start, :] = run_vh.to(base_u.device, exact)
+        values = adapter.deltas[lname][group, start:stop].to(base_u.device, exact)
         core += weight * (base_u.T @ (u * values)) @ (vh @ base_vh.T)
     if is_null_group(layer.S0.detach()[group], start, stop):
         p, s, qh = torch.linalg.svd(core)  # zero singular values: left and right vectors pair freely

@@ -25,9 +25,12 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write, read_safetensors, safetensors_bytes
+from .constants import FACTOR_NAMES, exact_dtype
 from .decompose import thin_svd
 from .errors import SVFCheckpointError
 from .fingerprint import _unit_vectors
+
+_STORED = FACTOR_NAMES[:3]  # an entry holds U, S and Vh (never a residual)
 
 CACHE_VERSION = 1
 """Version of the entry layout; part of every key, so entries of another version are never read."""
@@ -108,16 +111,18 @@ class DecompositionCache:
                 dtype), which spares two copies when the caller casts them to that dtype anyway.
 
         Returns:
-            ``(U, S, Vh)`` (``S`` in float64), or ``None`` when the entry is missing, stale or damaged.
+            ``(U, S, Vh)`` (``S`` in float64; float32 on a device without float64), or ``None`` when the entry is
+            missing, stale or damaged.
         """
         path = self.path(key)
         if not path.is_file():
             return None
         try:
             header, tensors = read_safetensors(path)  # bounded, checked header; never unpickles
-            if header.get("key") != key or set(tensors) != {"U", "S", "Vh"}:
+            if header.get("key") != key or set(tensors) != set(_STORED):
                 raise SVFCheckpointError("it belongs to another weight")
-            u, s, vh = (tensors[n].to(matrices.device) for n in ("U", "S", "Vh"))
+            exact = exact_dtype(matrices.device)  # float64, or float32 where the device has none
+            u, s, vh = (tensors[n].to(matrices.device, exact if n == "S" else None) for n in _STORED)
             problem = svd_problem(matrices, u, s, vh)
             if problem:
                 raise SVFCheckpointError(problem)
@@ -126,8 +131,8 @@ class DecompositionCache:
             path.unlink(missing_ok=True)
             return None
         if float64:
-            u, vh = u.to(torch.float64), vh.to(torch.float64)
-        return u, s.to(torch.float64), vh
+            u, vh = u.to(exact), vh.to(exact)
+        return u, s.to(exact), vh
 
     def put(self, key: str, matrices: Tensor, factors: Factors) -> None:
         """Store the decomposition of ``matrices`` under ``key``, atomically.
@@ -142,8 +147,8 @@ class DecompositionCache:
         """
         storage = matrices.dtype if matrices.dtype in (torch.float32, torch.float64) else torch.float32
         u, s, vh = factors
-        tensors = {"U": u.to("cpu", storage), "S": s.to("cpu", torch.float64), "Vh": vh.to("cpu", storage)}
-        tensors = {name: t.contiguous() for name, t in tensors.items()}
+        stored = (u.to("cpu", storage), s.to("cpu", torch.float64), vh.to("cpu", storage))
+        tensors = {name: t.contiguous() for name, t in zip(_STORED, stored, strict=True)}
         path = self.path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

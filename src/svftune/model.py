@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from . import _interop, ties
+from .errors import SVFConfigError
 from .layers import SVFLayer, normalize_form, normalize_train, svf_layer_from
 from .matching import LayerSelector, peft_owned_names, select_layers, selected_modules
 
@@ -62,6 +64,67 @@ class SVFConfig:
     original_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
     tied: str = "error"
     modules_to_save: list[str] = field(default_factory=list)
+
+    #: The fields a checkpoint stores (``to_json``), with their defaults for files that predate a field.
+    JSON_DEFAULTS: ClassVar[dict[str, Any]] = {"tied": "error"}
+    _JSON_TYPES: ClassVar[dict[str, type]] = {
+        "train": str,
+        "form": str,
+        "freeze_bn": bool,
+        "freeze_others": bool,
+        "tied": str,
+    }
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings ``save_svf`` stores so that ``load_svf`` applies SVF the same way (a JSON-able dict).
+
+        Examples:
+            >>> from svftune.model import SVFConfig
+            >>> stored = SVFConfig(["layer4.0.conv2"], train="s").to_json()
+            >>> stored
+            {'train': 'S', 'form': 'auto', 'freeze_bn': True, 'freeze_others': True, 'tied': 'error'}
+            >>> SVFConfig.from_json(stored) == SVFConfig([], train="S")
+            True
+        """
+        return {
+            "train": normalize_train(self.train),
+            "form": normalize_form(self.form),
+            "freeze_bn": bool(self.freeze_bn),
+            "freeze_others": bool(self.freeze_others),
+            "tied": ties.normalize_tied(self.tied),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any, layer_names: Sequence[str] = ()) -> SVFConfig:
+        """Check a mapping written by ``to_json`` (read from a file: untrusted) and build its config.
+
+        Every field must be present with its type (``JSON_DEFAULTS`` fills fields older files lack) and a valid
+        value; no other key is allowed.
+
+        Args:
+            raw: the parsed mapping.
+            layer_names: the adapted layers' names, for the returned config.
+
+        Raises:
+            SVFConfigError: naming the first wrong field.
+        """
+        if not isinstance(raw, dict):
+            raise SVFConfigError("", "a mapping", raw)
+        unknown = sorted(str(k) for k in raw if k not in cls._JSON_TYPES)
+        if unknown:
+            raise SVFConfigError(unknown[0], "absent (not a stored SVFConfig field)", raw[unknown[0]])
+        values = {**cls.JSON_DEFAULTS, **raw}
+        for key, kind in cls._JSON_TYPES.items():
+            if key not in values:
+                raise SVFConfigError(key, f"a {kind.__name__} (the field is missing)", None)
+            if not isinstance(values[key], kind):
+                raise SVFConfigError(key, f"a {kind.__name__}", values[key])
+        for key, normalize in (("train", normalize_train), ("form", normalize_form), ("tied", ties.normalize_tied)):
+            try:
+                values[key] = normalize(values[key])
+            except ValueError as err:
+                raise SVFConfigError(key, f"a valid value ({err})", values[key]) from None
+        return cls(list(layer_names), **values)
 
 
 class _StayInEval:

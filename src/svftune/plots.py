@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import SVFCheckpoint, read_svf
+from .constants import exact_dtype
 from .layers import SVFLayer
 from .model import svf_layers
 
@@ -382,7 +383,7 @@ def subspace_activations(
         if not chosen:
             raise PlotError("directions is empty: give at least one (group, index) pair")
     x = capture_input(model, layer, inputs)
-    exact = torch.float32 if x.device.type == "mps" else torch.float64
+    exact = exact_dtype(x.device)
     x = x.to(exact)
     vh = module.Vh.detach().to(x.device, exact)
     with torch.no_grad():

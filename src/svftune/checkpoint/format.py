@@ -24,9 +24,8 @@ from torch import Tensor, nn
 
 from .. import fingerprint as fp
 from .._io import TensorInfo
-from ..errors import SVFCheckpointError
-from ..layers import normalize_form, normalize_train
-from ..ties import TIED_MODES
+from ..errors import SVFCheckpointError, SVFConfigError
+from ..model import SVFConfig
 
 FORMAT = "svftune.svf_checkpoint"
 """The ``format`` field every checkpoint's metadata carries."""
@@ -212,33 +211,18 @@ class SVFCheckpoint:
 
 # ------------------------------------------------------------------------------------------------ config
 def config_to_json(config: Any, train: str, form: str) -> dict[str, Any]:
-    """The ``config`` section written for a model's ``SVFConfig`` (or ``None``: apply_svf's defaults)."""
-    return {
-        "train": normalize_train(train),
-        "form": normalize_form(form),
-        "freeze_bn": bool(config.freeze_bn) if config is not None else True,
-        "freeze_others": bool(config.freeze_others) if config is not None else True,
-        "tied": config.tied if config is not None else "error",
-    }
+    """The ``config`` section for a model's ``SVFConfig`` (or, for ``None``, apply_svf's defaults with the layers'
+    ``train`` and ``form``): ``SVFConfig.to_json``."""
+    return (config if config is not None else SVFConfig([], train=train, form=form)).to_json()
 
 
 def config_from_json(raw: Any, schema: Schema) -> dict[str, Any]:
-    """Check a ``config`` section; returns it with ``train`` and ``form`` as given (already normalised)."""
-    if not isinstance(raw, dict):
-        schema.fail("config", "a mapping", raw)
-    for key in ("train", "form"):
-        schema.get(raw, key, str, "config")
+    """Check a ``config`` section with ``SVFConfig.from_json``; returns it normalised, absent fields filled."""
     try:
-        normalize_train(raw["train"])
-        normalize_form(raw["form"])
-    except ValueError as err:
-        raise SVFCheckpointError(f"{schema.where}: config is not valid: {err}") from None
-    for key in ("freeze_bn", "freeze_others"):
-        schema.get(raw, key, bool, "config")
-    tied = raw.get("tied", "error")  # absent in format 1 and older format-2 files: "error", apply_svf's default
-    if not isinstance(tied, str) or tied not in TIED_MODES:
-        schema.fail("config.tied", f"one of {', '.join(map(repr, TIED_MODES))}", tied)
-    return raw
+        return SVFConfig.from_json(raw).to_json()
+    except SVFConfigError as err:
+        schema.fail("config" + (f".{err.field}" if err.field else ""), err.expected, err.got)
+        raise  # unreachable: fail raises
 
 
 # ------------------------------------------------------------------------------------------------ schema
