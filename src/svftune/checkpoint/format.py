@@ -70,18 +70,9 @@ class Kind:
 
 
 def _kinds() -> dict[str, Kind]:
-    from .. import layers
+    from ..layers import LAYER_KINDS  # the one registry of supported layer types
 
-    registry = getattr(layers, "LAYER_KINDS", None)
-    if registry is not None:
-        return {
-            name: Kind(name, kind.weight_dims, kind.transposed, kind.plain_class) for name, kind in registry.items()
-        }
-    classes = (layers.SVFLinear, layers.SVFConv1d, layers.SVFConv2d, layers.SVFConv3d)
-    return {
-        cls.base_type.__name__: Kind(cls.base_type.__name__, 2 + i, False, lambda c=cls: c.base_type)
-        for i, cls in enumerate(classes)
-    }
+    return {name: Kind(name, kind.weight_dims, kind.transposed, kind.plain_class) for name, kind in LAYER_KINDS.items()}
 
 
 KINDS_REGISTRY = _kinds()
@@ -89,7 +80,9 @@ KINDS_REGISTRY = _kinds()
 KINDS: dict[str, type[nn.Module]] = {
     name: cls for name, kind in KINDS_REGISTRY.items() if (cls := kind.plain_class()) is not None
 }
-"""The plain layer classes of the kinds whose library is loaded, by name (``"Linear"`` -> ``nn.Linear``...)."""
+"""The plain layer classes of the kinds whose library was loaded when svftune was imported, by name (``"Linear"``
+-> ``nn.Linear``...). Code that must see a library imported later (transformers' ``Conv1D``) asks
+``KINDS_REGISTRY[name].plain_class()`` at use time instead."""
 
 
 def kind_of_layer(layer: nn.Module) -> str:
