@@ -1,4 +1,4 @@
-"""The checks every model grid runs on an adapted model (toys, torchvision, transformers), written once.
+"""The checks every model grid runs on an adapted model (toys, torchvision, transformers, timm), written once.
 
 One definition of the relative error: ``||actual - expected|| / ||expected||`` (Frobenius), computed in float64.
 References are float64: ``reference_weight`` rebuilds an SVF layer's weight from its stored tensors independently of
@@ -8,7 +8,8 @@ The five checks:
 
 1. ``check_eval_exact_at_init``: eval/no-grad outputs bit-identical to the original model while ``S == S0``.
 2. ``check_train_close``: train-mode outputs within a relative tolerance of a reference model.
-3. ``check_only_s_trains``: optimizer steps change the singular values and nothing else (bit for bit).
+3. ``check_only_s_trains``: optimizer steps change the singular values and nothing else (bit for bit), or only
+   those and the parameters named in ``also_trains`` (a head in ``modules_to_save``).
 4. ``check_merge``: ``merge_svf`` gives plain layers of the original classes, weights rebuilt in float64 and rounded
    once, outputs within a relative tolerance of the unmerged model, ``requires_grad`` flags restored.
 5. ``check_unapply``: ``unapply_svf`` restores every original tensor bit for bit, the classes and the flags.
@@ -17,7 +18,7 @@ The five checks:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor, nn
@@ -84,10 +85,18 @@ def check_train_close(adapted: nn.Module, reference: nn.Module, inputs, rtol: fl
 
 
 def check_only_s_trains(
-    model: nn.Module, loss_fn: Callable[[nn.Module, int], Tensor], steps: int = 3, lr: float = 1e-2, clip: float = 1.0
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, int], Tensor],
+    steps: int = 3,
+    lr: float = 1e-2,
+    clip: float = 1.0,
+    also_trains: Collection[str] = (),
 ) -> None:
-    """Check 3: ``steps`` SGD steps on ``loss_fn(model, step)`` change every layer's ``S`` and nothing else."""
-    s_names = {f"{name}.S" for name, _ in svftune.svf_layers(model)}
+    """Check 3: ``steps`` SGD steps on ``loss_fn(model, step)`` change every layer's ``S`` and nothing else.
+
+    ``also_trains``: names of the other parameters that ``apply_svf`` leaves trainable (``modules_to_save``, a new
+    head); they must have gradients and are allowed to change."""
+    s_names = {f"{name}.S" for name, _ in svftune.svf_layers(model)} | set(also_trains)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == s_names
     before = {key: value.clone() for key, value in model.state_dict().items()}
     parameters = [p for p in model.parameters() if p.requires_grad]
