@@ -163,3 +163,36 @@ def check_unapply(adapted: nn.Module, original: nn.Module, inputs) -> nn.Module:
     restored.train()
     assert all(m.training for m in restored.modules())
     return restored
+
+
+def random_images(size: int, seed: int, batch: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(batch, 3, size, size)`` standard-normal images, the same for the same seed on every machine."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=generator).to(dtype)
+
+
+def make_nontrivial(model: nn.Module, size: int) -> None:
+    """Random values for constant-initialised parameters (zero biases, ViT's class token, zero-initialised last
+    BatchNorm of ResNet blocks: normal(0, 0.1); unit norm scales, ConvNeXt's 1e-6 layer scales: uniform(0.5, 1.5)),
+    then BatchNorm running statistics (timm's BatchNormAct2d too) from three random batches; leaves eval mode."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.min() != parameter.max():
+                continue
+            fresh = torch.empty(parameter.shape)
+            if parameter.flatten()[0] == 0:
+                fresh.normal_(0.0, 0.1, generator=generator)
+            else:
+                fresh.uniform_(0.5, 1.5, generator=generator)
+            parameter.copy_(fresh)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for module in norms:
+            module.momentum = None  # cumulative average: the stats match the data the model sees
+        model.train()
+        for seed in range(3):
+            model(random_images(size, 100 + seed, batch=4))
+        for module, momentum in zip(norms, momenta, strict=True):
+            module.momentum = momentum
+    model.eval()

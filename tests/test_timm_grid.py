@@ -34,7 +34,9 @@ from checks import (
     check_only_s_trains,
     check_train_close,
     check_unapply,
+    make_nontrivial,
     module_classes,
+    random_images,
     relative_error,
     requires_grad_flags,
 )
@@ -84,33 +86,7 @@ TEST_CASES = [
 
 
 def _inputs(size: int, seed: int, batch: int = BATCH, dtype: torch.dtype = torch.float32) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, size, size, generator=generator).to(dtype)
-
-
-def _make_nontrivial(model: nn.Module, size: int) -> None:
-    """Random values for constant-initialised parameters, then BatchNorm running stats from random batches."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.min() != parameter.max():
-                continue
-            fresh = torch.empty(parameter.shape)
-            if parameter.flatten()[0] == 0:  # zero biases, zero-initialised last BatchNorm of ResNet blocks
-                fresh.normal_(0.0, 0.1, generator=generator)
-            else:  # unit norm scales, ConvNeXt's 1e-6 layer scales
-                fresh.uniform_(0.5, 1.5, generator=generator)
-            parameter.copy_(fresh)
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # BatchNormAct2d too
-        momenta = [m.momentum for m in norms]
-        for module in norms:
-            module.momentum = None  # cumulative average: the stats match the data the model sees
-        model.train()
-        for seed in range(3):
-            model(_inputs(size, 100 + seed, batch=4))
-        for module, momentum in zip(norms, momenta, strict=True):
-            module.momentum = momentum
-    model.eval()
+    return random_images(size, seed, batch, dtype)
 
 
 def _create(case: Case) -> nn.Module:
@@ -122,7 +98,7 @@ def _build(case: Case) -> nn.Module:
     them after merge/unapply is not vacuous."""
     torch.manual_seed(0)
     model = _create(case)
-    _make_nontrivial(model, case.size)
+    make_nontrivial(model, case.size)
     next(model.parameters()).requires_grad_(False)
     return model
 

@@ -30,6 +30,8 @@ from checks import (
     check_only_s_trains,
     check_train_close,
     check_unapply,
+    make_nontrivial,
+    random_images,
     relative_error,
 )
 from torch import Tensor, nn
@@ -78,33 +80,7 @@ FAMILIES = {
 
 
 def _inputs(size: int, seed: int, batch: int = BATCH, dtype: torch.dtype = torch.float32) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, size, size, generator=generator).to(dtype)
-
-
-def _make_nontrivial(model: nn.Module, size: int) -> None:
-    """Random values for constant-initialised parameters, then BatchNorm running stats from random batches."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.min() != parameter.max():
-                continue
-            fresh = torch.empty(parameter.shape)
-            if parameter.flatten()[0] == 0:  # zero biases, ViT's class token and head weight
-                fresh.normal_(0.0, 0.1, generator=generator)
-            else:  # unit norm scales, ConvNeXt's 1e-6 layer scales
-                fresh.uniform_(0.5, 1.5, generator=generator)
-            parameter.copy_(fresh)
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        momenta = [m.momentum for m in norms]
-        for module in norms:
-            module.momentum = None  # cumulative average: the stats match the data the model sees
-        model.train()
-        for seed in range(3):
-            model(_inputs(size, 100 + seed, batch=4))
-        for module, momentum in zip(norms, momenta, strict=True):
-            module.momentum = momentum
-    model.eval()
+    return random_images(size, seed, batch, dtype)
 
 
 @dataclass
@@ -137,7 +113,7 @@ def case(request) -> Case:
     family = FAMILIES[request.param]
     torch.manual_seed(0)
     original = family.build()
-    _make_nontrivial(original, family.size)
+    make_nontrivial(original, family.size)
     # Mixed requires_grad flags, so that restoring them after merge/unapply is not vacuous.
     next(original.parameters()).requires_grad_(False)
     result = Case(request.param, family, original, copy.deepcopy(original))
