@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ._values import change, keep_precision, restore
 from .constants import exact_dtype
 from .errors import SVFAdapterError
 from .fingerprint import is_null_group
@@ -132,7 +133,7 @@ def adapter_from_checkpoint(model: nn.Module, checkpoint: SVFCheckpoint, plan: L
     adapter = Adapter(name, {}, source=checkpoint.source)
     for lname in plan.loadable:
         layer = layers[lname]
-        adapter.deltas[lname] = checkpoint.deltas[lname].to(layer.S.device, layer.S.dtype)
+        adapter.deltas[lname] = keep_precision(checkpoint.deltas[lname], layer.S)
         u_like = layer.U
         if lname in checkpoint.factors:
             u, vh = checkpoint.factors[lname]
@@ -435,7 +436,7 @@ def _sync(model: nn.Module, adapters: AdapterSet) -> None:
     adapter = adapters.adapters[adapters.active]
     with torch.no_grad():
         for lname, layer in svf_layers(model):
-            delta = layer.S.detach() - layer.S0
+            delta = change(layer.S.detach(), layer.S0)
             if lname in adapter.deltas or bool(delta.any()):
                 adapter.deltas[lname] = delta.clone()
             if layer.residual is not None:  # U or V train: their values belong to the adapter too
@@ -470,7 +471,7 @@ def _activate(model: nn.Module, adapters: AdapterSet, name: str | None) -> None:
                     layer.U[g, :, a:b] = u.to(layer.U.device)
                     layer.Vh[g, a:b, :] = vh.to(layer.Vh.device)
                 delta = adapter.deltas.get(lname)
-            layer.S.copy_(layer.S0 if delta is None else layer.S0 + delta.to(layer.S0.device))
+            layer.S.copy_(layer.S0 if delta is None else restore(layer.S0, delta, layer.S.dtype))
         parameters = dict(model.named_parameters())
         for pname in set(adapters.base_extra) | set(adapter.extra if adapter else ()):
             parameter = parameters[pname]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import fingerprint as fp
 from .._io import atomic_write, dumps_json, remove_leftovers, require_folder, safetensors_bytes, writer_lock
+from .._values import change
 from ..errors import SVFCheckpointError
 from ..layers import SVFLayer
 from ..matching import peft_owned_names
@@ -188,7 +189,7 @@ def _layer_record(name: str, layer: SVFLayer, dtype: torch.dtype | None) -> tupl
     """The metadata entry, the ``S - S0`` change and the extra tensors (tie bases, full factors) of one layer."""
     weight = layer.base_weight
     fro, sketch = fp.weight_sketch(weight)
-    delta = (layer.S.detach() - layer.S0.detach()).to("cpu")
+    delta = change(layer.S.detach(), layer.S0.detach()).to("cpu")  # float64 where S - S0 is not exact
     entry = LayerEntry(
         name=name,
         kind=kind_of_layer(layer),
