@@ -85,6 +85,15 @@ def test_summary_markdown_and_csv():
     assert len(rows) == 17 and rows[0].startswith("schedule,fold,seed,strategy,miou,fb_iou,train_seconds")
 
 
+def test_svf_is_also_compared_with_ablation_strategies_the_records_hold():
+    records = [_record(1, f, 1, name, 0.4 + 0.01 * f + (0.03 if name == "svf" else 0.0))
+               for f in (0, 1, 2) for name in ("frozen", "svf", "bn", "lora")]  # fmt: skip
+    summary = summarize(records)
+    assert list(summary["paired"]) == ["x1/svf-frozen", "x1/svf-lora", "x1/svf-bn"]  # the fixed ones first
+    assert summary["paired"]["x1/svf-bn"]["miou"]["mean"] == pytest.approx(0.03)
+    assert "| x1 | svf - bn | 3 |" in markdown(summary, len(records), len(records))
+
+
 def test_plan_order_schedules_and_fixed_test_episodes(tmp_path):
     plan = StudyPlan(strategies=["frozen", "svf", "full", "lora"], long_factor=3)
     runs = plan.runs()

@@ -22,6 +22,7 @@ _T975 = (
     2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
     2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 )  # fmt: skip
+#: SVF against these first, in this order; then against every other strategy the records hold (ablations).
 COMPARISONS = (("svf", "frozen"), ("svf", "full"), ("svf", "lora"))
 CSV_FIELDS = (
     "schedule", "fold", "seed", "strategy", "miou", "fb_iou", "train_seconds", "iterations", "epochs",
@@ -89,7 +90,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "trainable_backbone": runs[0]["trainable_backbone"],
                 "load": sum((r["load_start"] + r["load_end"]) / 2 for r in runs) / len(runs),
             }
-        for a, b in COMPARISONS:
+        others = [("svf", name) for name in names if name != "svf" and ("svf", name) not in COMPARISONS]
+        for a, b in (*COMPARISONS, *others):
             pair = {m: paired(records, a, b, schedule, m) for m in ("miou", "fb_iou")}
             if pair["miou"] is not None:
                 out["paired"][f"x{schedule}/{a}-{b}"] = pair
