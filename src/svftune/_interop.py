@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ties
+from ._values import restore
 from .constants import FACTOR_OF_LETTER, HALF_DTYPES, STATE_NAMES, exact_dtype
 from .errors import SVFCheckpointError
 from .layers import SVFLayer
@@ -169,7 +170,7 @@ def values_from_merged(layer: SVFLayer, merged: Tensor, key: str = "weight") -> 
     delta = layer._matrices(merged.to(exact) - base.to(exact))
     u, vh = layer.U.to(exact), layer.Vh.to(exact)
     step = ((u.mT @ delta) * vh).sum(-1)
-    values = (layer.S0.to(exact) + step).to(layer.S.dtype)
+    values = restore(layer.S0, step, layer.S.dtype)
     rebuilt = (u * (values.to(exact) - layer.S0.to(exact)).unsqueeze(1)) @ vh
     rebuilt = (base.to(exact) + layer._from_matrices(rebuilt)).to(base.dtype)
     error = _relative(rebuilt, merged, exact)
